@@ -1,0 +1,1 @@
+"""Attention and token-mixing layers shared by the visionattn families."""

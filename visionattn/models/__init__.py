@@ -1,0 +1,1 @@
+"""visionattn model families; importing this package registers every model in timm."""
