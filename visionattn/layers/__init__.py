@@ -1,1 +1,3 @@
 """Attention and token-mixing layers shared by the visionattn families."""
+from .conv_pos_enc import ConvPosEnc
+from .window_attention import WindowAttention, pad_to_multiple
