@@ -48,9 +48,7 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(windows).reshape(-1, ws * ws, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.)
-        out = out.transpose(1, 2).reshape(-1, ws * ws, C)
-        out = self.proj_drop(self.proj(out))
-        out = out.reshape(B, nh, nw, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
+        out = out.transpose(1, 2).reshape(B, nh, nw, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
         if Hp != H or Wp != W:
-            out = out[:, :H, :W].contiguous()
-        return out
+            out = out[:, :H, :W]
+        return self.proj_drop(self.proj(out))  # per-token projection, after the crop
