@@ -1,1 +1,2 @@
 """visionattn model families; importing this package registers every model in timm."""
+from . import convit, davit, twins  # noqa: F401

@@ -1,0 +1,1 @@
+"""convit family (being written)."""

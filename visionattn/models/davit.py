@@ -1,0 +1,1 @@
+"""davit family (being written)."""
