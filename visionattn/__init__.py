@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 def list_models(pattern: str = '*', pretrained: bool = False) -> List[str]:
     """Names of the registered visionattn models matching ``pattern`` (``visionattn_`` is implied)."""
     if not pattern.startswith('visionattn_'):
-        pattern = 'visionattn_' + pattern.lstrip('*') if pattern != '*' else 'visionattn_*'
+        pattern = 'visionattn_' + pattern
     return timm.list_models(pattern, pretrained=pretrained)
 
 
