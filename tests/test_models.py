@@ -1,0 +1,232 @@
+"""The model API matrix, parametrised over every registered ``visionattn_*`` model.
+
+Models above ``FULL_TEST_MAX_PARAMS`` parameters are checked on the meta device (creation, cfg,
+feature info, output shapes) so the suite stays within minutes on two CPU cores; the smaller
+variants of the same family exercise the identical code with real numbers.
+"""
+import io
+
+import pytest
+import timm
+import torch
+
+import visionattn
+from official_checks import family_filter, meta_model
+from layouts import num_params
+
+MODELS = visionattn.list_models()
+FULL_TEST_MAX_PARAMS = 60_000_000
+HIER_INPUT = 64  # small square input for hierarchical models (stride 32 -> 2x2 last map)
+
+# Models that cannot be compiled by torch.jit.script, and why.
+JIT_EXCLUDE = {}
+# Models that torch.fx cannot trace, and why.
+FX_EXCLUDE = {}
+
+
+def _num_params(name):
+    return num_params(meta_model(name))
+
+
+SIZES = {name: _num_params(name) for name in MODELS}
+FAMILIES = {}
+for _name in MODELS:
+    FAMILIES.setdefault(timm.models._registry._model_to_module[_name], []).append(_name)
+# The smallest model of each family for the torch.compile smoke test.
+COMPILE_MODELS = sorted(min(names, key=SIZES.get) for names in FAMILIES.values())
+SMALL = [m for m in MODELS if SIZES[m] <= FULL_TEST_MAX_PARAMS]
+BIG = [m for m in MODELS if SIZES[m] > FULL_TEST_MAX_PARAMS]
+
+
+def _fixed_size(name):
+    return timm.get_pretrained_cfg_value(name, 'fixed_input_size') or False
+
+
+def _input_size(name, non_square=False):
+    cfg = timm.models.get_pretrained_cfg(name)
+    if _fixed_size(name):
+        return tuple(cfg.input_size[1:])
+    return (HIER_INPUT, HIER_INPUT + 32) if non_square else (HIER_INPUT, HIER_INPUT)
+
+
+def _create(name, **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(name, **kwargs)
+
+
+def test_registry():
+    assert MODELS, 'no visionattn model is registered'
+    assert all(m.startswith('visionattn_') for m in MODELS)
+    assert set(MODELS) <= set(timm.list_models('visionattn_*'))
+    with pytest.raises(ValueError, match='not_a_model'):
+        visionattn.create_model('visionattn_not_a_model')
+    with pytest.raises(RuntimeError, match='Unknown model'):
+        timm.create_model('visionattn_not_a_model')
+
+
+@pytest.mark.parametrize('name', SMALL)
+def test_forward_and_grad_checkpointing(name):
+    model = _create(name).eval()
+    x = torch.randn(2, 3, *_input_size(name))
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (2, model.num_classes)
+        assert torch.isfinite(out).all()
+        model.set_grad_checkpointing()
+        out_ckpt = model(x)
+    torch.testing.assert_close(out_ckpt, out, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', SMALL)
+def test_backward(name):
+    model = _create(name, num_classes=42).train()
+    out = model(torch.randn(2, 3, *_input_size(name)))
+    assert out.shape == (2, 42)
+    out.mean().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not no_grad, f'parameters without gradient: {no_grad[:10]}'
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_default_cfg(name):
+    """timm's cfg contract, on the meta device at the default input size."""
+    model = meta_model(name).eval()
+    cfg = model.pretrained_cfg
+    for key in ('input_size', 'pool_size', 'first_conv', 'classifier', 'mean', 'std', 'license'):
+        assert key in cfg, f'pretrained_cfg lacks {key!r}'
+    assert model.num_features > 0 and model.head_hidden_size > 0
+    sd = model.state_dict()
+    assert cfg['first_conv'] + '.weight' in sd
+    assert cfg['classifier'] + '.weight' in sd
+    x = torch.empty(1, *cfg['input_size'], device='meta')
+    feat = model.forward_features(x)
+    if feat.ndim == 4:
+        assert feat.shape[1] == model.num_features
+        assert tuple(feat.shape[2:]) == tuple(cfg['pool_size'])
+    pre = model.forward_head(feat, pre_logits=True)
+    assert pre.shape == (1, model.head_hidden_size)
+    model.reset_classifier(0)
+    assert model(x).shape == (1, model.head_hidden_size)
+    model.reset_classifier(0, '')
+    out = model(x)
+    assert out.ndim in (3, 4)  # unpooled map (hierarchical) or tokens (plain)
+    if out.ndim == 4:
+        assert tuple(out.shape[2:]) == tuple(cfg['pool_size'])
+
+
+@pytest.mark.parametrize('name', SMALL)
+def test_features_only(name):
+    model = _create(name, features_only=True, out_indices=(1, 3) if not _fixed_size(name) else (5, 11)).eval()
+    size = _input_size(name)
+    outs = model(torch.randn(1, 3, *size))
+    info = model.feature_info
+    assert len(outs) == 2
+    for o, chs, red in zip(outs, info.channels(), info.reduction()):
+        assert o.shape[1] == chs
+        assert o.shape[2] <= -(-size[0] // red) + 1 and o.shape[3] <= -(-size[1] // red) + 1
+
+
+@pytest.mark.parametrize('name', SMALL)
+def test_forward_intermediates(name):
+    model = _create(name).eval()
+    x = torch.randn(1, 3, *_input_size(name))
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert len(inter) == len(model.feature_info)
+        for t, info in zip(inter, model.feature_info):
+            assert t.ndim == 4 and t.shape[1] == info['num_chs']
+        only = model.forward_intermediates(x, indices=[0], intermediates_only=True)
+        torch.testing.assert_close(only[0], inter[0])
+        model.set_grad_checkpointing()
+        final_ckpt, _ = model.forward_intermediates(x)
+    torch.testing.assert_close(final_ckpt, final, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', SMALL)
+def test_non_square_input(name):
+    kwargs = {'dynamic_img_size': True} if _fixed_size(name) else {}
+    model = _create(name, **kwargs).eval()
+    size = (HIER_INPUT, HIER_INPUT + 32) if _fixed_size(name) else _input_size(name, non_square=True)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, *size))
+    assert out.shape == (1, model.num_classes) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('name', SMALL)
+def test_torchscript(name):
+    if name in JIT_EXCLUDE:
+        pytest.skip(f'cannot be scripted: {JIT_EXCLUDE[name]}')
+    with timm.layers.set_layer_config(scriptable=True):
+        model = _create(name).eval()
+    scripted = torch.jit.script(model)
+    x = torch.randn(1, 3, *_input_size(name))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', SMALL)
+def test_fx_trace(name):
+    if name in FX_EXCLUDE:
+        pytest.skip(f'cannot be traced by torch.fx: {FX_EXCLUDE[name]}')
+    from timm.models._features_fx import create_feature_extractor
+    model = _create(name).eval()
+    fx_model = create_feature_extractor(model, return_nodes=['head'] if 'head' in dict(model.named_modules()) else None)
+    x = torch.randn(1, 3, *_input_size(name))
+    with torch.no_grad():
+        torch.testing.assert_close(fx_model(x)['head'], model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', COMPILE_MODELS)
+def test_torch_compile_smoke(name):
+    model = _create(name).eval()
+    compiled = torch.compile(model)
+    x = torch.randn(1, 3, *_input_size(name))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', SMALL)
+def test_state_dict_round_trip(name):
+    model = _create(name).eval()
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    other = timm.create_model(name).eval()
+    other.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    x = torch.randn(1, 3, *_input_size(name))
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), model(x))
+
+
+@pytest.mark.parametrize('name', BIG)
+def test_big_model_on_meta(name):
+    """Large variants: creation, features_only plumbing and output shapes, without memory."""
+    model = meta_model(name, features_only=True)
+    cfg = timm.models.get_pretrained_cfg(name)
+    outs = model(torch.empty(1, *cfg.input_size, device='meta'))
+    assert [o.shape[1] for o in outs] == model.feature_info.channels()
+
+
+@pytest.mark.parametrize('name', SMALL)
+def test_bad_inputs(name, tmp_path):
+    model = _create(name).eval()
+    size = _input_size(name)
+    with pytest.raises(ValueError, match='in_chans'):
+        model(torch.randn(1, 1, *size))
+    with pytest.raises(ValueError, match='smaller than|expected'):
+        model(torch.randn(1, 3, 8, 8))
+    sd = model.state_dict()
+    filter_fn = family_filter(model)
+    missing = dict(sd)
+    dropped = next(k for k in missing if not k.startswith('head'))
+    del missing[dropped]
+    with pytest.raises(ValueError, match='missing'):
+        filter_fn(missing, model)
+    unexpected = dict(sd, **{'blocks_extra.weight': torch.zeros(3)})
+    with pytest.raises(ValueError, match='unexpected'):
+        filter_fn(unexpected, model)
+    path = tmp_path / 'bad.pth'
+    torch.save({'state_dict': missing}, path)
+    with pytest.raises(ValueError, match='missing'):
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))

@@ -1,0 +1,120 @@
+"""Throughput of visionattn models against timm's implementation of the same model (same run).
+
+For each model, ours and the reference are timed in interleaved rounds (so both see the same
+machine load); the median time per batch gives images/s and the ratio ours / reference.
+Reference: timm's model of the same name without the ``visionattn_`` prefix, or the entry in
+``REFERENCES`` (e.g. NAT is compared with Swin of similar FLOPs, as its paper does).
+
+Usage:
+  python tools/benchmark.py --models 'visionattn_davit_tiny' 'visionattn_twins_*' [--batch 8]
+                            [--img 224] [--rounds 5] [--train] [--save]
+``--save`` merges the ratios into model_cards/measurements.json for tools/model_cards.py.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import visionattn  # noqa: E402
+
+REFERENCES = {
+    'visionattn_nat_mini': 'swin_tiny_patch4_window7_224',
+    'visionattn_nat_tiny': 'swin_tiny_patch4_window7_224',
+    'visionattn_nat_small': 'swin_small_patch4_window7_224',
+    'visionattn_nat_base': 'swin_base_patch4_window7_224',
+}
+
+
+def reference_for(name):
+    ref = REFERENCES.get(name, name.replace('visionattn_', '', 1))
+    return ref if timm.is_model(ref) else None
+
+
+def make_step(model, x, train):
+    if not train:
+        def step():
+            with torch.inference_mode():
+                model(x)
+        return step
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    target = torch.randint(0, model.num_classes, (x.shape[0],))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+        opt.step()
+    return step
+
+
+def bench_pair(name, ref_name, batch, img, rounds, train):
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, img, img)
+    steps = {}
+    for label, model_name in (('ours', name), ('timm', ref_name)):
+        if model_name is None:
+            continue
+        model = timm.create_model(model_name).train(train)
+        steps[label] = make_step(model, x, train)
+        steps[label]()  # warm-up
+    times = {label: [] for label in steps}
+    for _ in range(rounds):
+        for label, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[label].append(time.perf_counter() - t0)
+    ips = {label: batch / statistics.median(t) for label, t in times.items()}
+    ratio = ips['ours'] / ips['timm'] if 'timm' in ips else None
+    return ips, ratio
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--models', nargs='+', default=['visionattn_*'], help='names or patterns')
+    parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--img', type=int, default=224)
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--threads', type=int, default=None)
+    parser.add_argument('--train', action='store_true', help='time a training step instead of inference')
+    parser.add_argument('--save', action='store_true', help='merge results into model_cards/measurements.json')
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = []
+    for pattern in args.models:
+        matched = timm.list_models(pattern) if '*' in pattern else [pattern]
+        if not matched or not all(timm.is_model(m) for m in matched):
+            parser.error(f'--models {pattern!r}: no registered model matches')
+        names += [m for m in matched if m not in names]
+    mode = 'train step' if args.train else 'inference'
+    print(f'{mode}, batch {args.batch}, {args.img}x{args.img}, fp32, {torch.get_num_threads()} threads, '
+          f'median of {args.rounds} interleaved rounds')
+    print(f'{"model":36s} {"ours img/s":>11s} {"reference":>32s} {"ref img/s":>10s} {"ratio":>6s}')
+    results = {}
+    for name in names:
+        ref = reference_for(name)
+        ips, ratio = bench_pair(name, ref, args.batch, args.img, args.rounds, args.train)
+        ratio_s = f'{ratio:.2f}' if ratio else '—'
+        print(f'{name:36s} {ips["ours"]:11.1f} {ref or "—":>32s} {ips.get("timm", float("nan")):10.1f} {ratio_s:>6s}',
+              flush=True)
+        key = 'train_' if args.train else ''
+        results[name] = {f'{key}img_per_s': round(ips['ours'], 2), f'{key}reference': ref,
+                         f'{key}ratio_vs_timm': round(ratio, 3) if ratio else None,
+                         f'{key}setup': f'batch {args.batch}, {args.img}px, fp32, {torch.get_num_threads()} threads'}
+    if args.save:
+        path = ROOT / 'model_cards' / 'measurements.json'
+        data = json.loads(path.read_text()) if path.exists() else {}
+        for name, values in results.items():
+            data.setdefault(name, {}).update(values)
+        path.write_text(json.dumps(data, indent=1, sort_keys=True) + '\n')
+        print(f'saved {path}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,101 @@
+"""Write ``model_cards/<family>.md`` for every visionattn family from the timm registry.
+
+Each family module defines ``FAMILY_CARD`` (paper, repo, license, cited accuracy, how to load
+official weights, known differences). Parameters and GMACs are measured here: parameters by
+instantiating on the meta device, GMACs with ``torch.utils.flop_counter`` (FLOPs / 2, matmuls and
+convolutions) on meta tensors at the model's default input size and at 224. Measured speed ratios
+from ``tools/benchmark.py --save`` (``model_cards/measurements.json``) are added when present.
+
+Usage: python tools/model_cards.py [--out model_cards] [--family davit]
+"""
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import visionattn  # noqa: E402
+
+
+def family_models():
+    """{family module name: [model names]} for every registered visionattn model."""
+    families = {}
+    for name in visionattn.list_models():
+        module = timm.models._registry._model_to_module[name]
+        families.setdefault(module, []).append(name)
+    return families
+
+
+def measure(name):
+    """(params, GMACs at the default size, GMACs at 224, default input size) on the meta device."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    model = timm.create_model(name, device='meta').eval()
+    params = sum(p.numel() for p in model.parameters())
+
+    def gmacs(size):
+        with FlopCounterMode(display=False) as counter:
+            model(torch.empty(1, 3, *size, device='meta'))
+        return counter.get_total_flops() / 2e9
+
+    default = tuple(cfg.input_size[1:])
+    g_default = gmacs(default)
+    g_224 = g_default if default == (224, 224) or cfg.fixed_input_size else gmacs((224, 224))
+    return params, g_default, g_224, default
+
+
+def render(family, names, measurements):
+    module = importlib.import_module(f'visionattn.models.{family}')
+    card = module.FAMILY_CARD
+    lines = [
+        f"# {card['name']}", '',
+        f"- Paper: {card['paper']}",
+        f"- Official code: {card['repo']}",
+        f"- License: {card['license']}",
+        '', '## Variants', '',
+        '| model | params | GMACs @ default size | GMACs @ 224 | input | top-1 (cited) | weights (timm hub) | CPU throughput vs timm |',
+        '|---|---|---|---|---|---|---|---|',
+    ]
+    for name in names:
+        params, g_default, g_224, size = measure(name)
+        cfg = timm.models.get_pretrained_cfg(name)
+        hub = cfg.hf_hub_id or '—'
+        acc = card.get('accuracy', {}).get(name, '—')
+        speed = measurements.get(name, {}).get('ratio_vs_timm')
+        speed = f'{speed:.2f}×' if speed else '—'
+        lines.append(
+            f'| `{name}` | {params:,} | {g_default:.2f} | {g_224:.2f} | {size[0]}×{size[1]} | {acc} | {hub} | {speed} |')
+    lines += [
+        '', 'GMACs: `torch.utils.flop_counter` (matmul/conv FLOPs ÷ 2), batch 1. Accuracy figures are the '
+        "authors' ImageNet-1k top-1 claims, cited, not reproduced here.", '',
+        '## Loading official weights', '', card['load_official'], '',
+        '## Known differences', '',
+    ]
+    lines += [f'- {d}' for d in card.get('differences', [])] or ['- none known']
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--out', default=str(ROOT / 'model_cards'))
+    parser.add_argument('--family', action='append', help='only these families (default: all)')
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meas_path = ROOT / 'model_cards' / 'measurements.json'
+    measurements = json.loads(meas_path.read_text()) if meas_path.exists() else {}
+    for family, names in sorted(family_models().items()):
+        if args.family and family not in args.family:
+            continue
+        path = out / f'{family}.md'
+        path.write_text(render(family, names, measurements))
+        print(f'wrote {path} ({len(names)} models)')
+
+
+if __name__ == '__main__':
+    main()
