@@ -1,0 +1,302 @@
+"""Neighbourhood-attention backends: geometry shared by all of them, plus the ``torch``,
+``flex`` and ``natten`` implementations (the ``triton`` one lives in ``_na_triton.py``).
+
+Every backend function has the signature ``fn(q, k, v, kernel, dilation, rpb, scale)``:
+q/k/v ``[B, H, W, heads, head_dim]`` (heads-last, natten's layout), ``kernel`` and ``dilation``
+per-axis ``(int, int)`` tuples with the small-input policy already applied, ``rpb``
+``[heads, 2kh-1, 2kw-1]`` or None, ``scale`` a float multiplying q·k (not the bias). Each returns
+the output in the layout of q.
+
+Geometry (natten's ``get_window_start``, extended for the small-input policy). On an axis of
+length L with kernel k and dilation d, token i lies in group g = i mod d at group position
+p = i div d; the group has Lg = ceil((L - g) / d) tokens; the window starts at
+s = clamp(p - k//2, 0, max(Lg, k) - k) and holds group positions s .. s+k-1 that are < Lg.
+With Lg ≥ k (natten's k·d ≤ L) this is exactly natten; Lg < k only arises from the padding
+policy and then means "the whole axis". The RPB of query p and key p' in the same group is
+``rpb[h, p'_r - p_r + kh - 1, p'_c - p_c + kw - 1]``.
+"""
+import functools
+import math
+import warnings
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Pair = Tuple[int, int]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def window_start(pos: torch.Tensor, group_len: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Window start (in group positions) for group positions ``pos`` in groups of ``group_len``."""
+    return torch.minimum((pos - kernel // 2).clamp(min=0), group_len.clamp(min=kernel) - kernel)
+
+
+def group_lengths(length: int, dilation: int) -> torch.Tensor:
+    """``[d]`` int64: tokens in each dilation group of an axis of ``length``."""
+    g = torch.arange(dilation)
+    return torch.div(length - g + dilation - 1, dilation, rounding_mode="floor")
+
+
+# --------------------------------------------------------------------------------------------
+# torch backend: query tiles against their key halo, dense matmuls, O(N·(T+k-1)²) memory.
+# --------------------------------------------------------------------------------------------
+
+TORCH_TILE = 8  # query tile side; measured fastest on CPU for k = 7 (tools/benchmark_na.py)
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_plan(length: int, kernel: int, dilation: int, tile: int):
+    """Index tables for one axis, on CPU.
+
+    Group positions are padded to P = nT·T (nT query tiles of T per group). Each tile's keys
+    are a halo of Hl = min(T+k-1, P) consecutive group positions starting at the tile's first
+    window start (clamped to P-Hl): because window starts are monotone, the halo holds every
+    key of every query in the tile. Returns
+    q_src [d·P] absolute source index of every (group, position) query slot (clamped: slots
+    past the end are padding and their outputs are dropped), k_src [d·nT·Hl] absolute index
+    of every halo key, out_src [L] slot of every real token, valid [d, nT, T, Hl] and
+    rel [d, nT, T, Hl] (relative-position index p' - p + k - 1, clamped).
+    """
+    d, k, T = dilation, kernel, tile
+    n_tiles = _ceil_div(_ceil_div(length, d), T)
+    P = n_tiles * T
+    halo = min(T + k - 1, P)
+    glen = group_lengths(length, d).view(d, 1)
+    pos = torch.arange(P).view(1, P)
+    start = window_start(pos, glen, k).view(d, n_tiles, T)
+    halo_start = start[:, :, 0].clamp(max=P - halo)
+    key = halo_start[..., None] + torch.arange(halo)  # [d, nT, Hl]
+    key4 = key[:, :, None, :]
+    s4 = start[..., None]
+    valid = (key4 >= s4) & (key4 < s4 + k) & (key4 < glen.view(d, 1, 1, 1))
+    rel = (key4 - pos.view(1, n_tiles, T, 1) + k - 1).clamp(0, 2 * k - 2)
+    g = torch.arange(d)
+    q_src = (pos * d + g.view(d, 1)).clamp(max=length - 1).reshape(-1)
+    k_src = (key * d + g.view(d, 1, 1)).clamp(max=length - 1).reshape(-1)
+    i = torch.arange(length)
+    out_src = (i % d) * P + i // d
+    return q_src, k_src, out_src, valid, rel, n_tiles, halo
+
+
+@functools.lru_cache(maxsize=32)
+def _torch_plan(size: Pair, kernel: Pair, dilation: Pair, tile: Pair, device: torch.device):
+    """Both axes' index tables plus the 2-D bias index ``[G, T_r·T_c, Hl_r·Hl_c]`` on ``device``
+    (G = d_r·d_c·nT_r·nT_c tiles); entries of keys outside the window point one past the end
+    of the flattened RPB, where the caller puts -inf."""
+    (qr, kr, orr, vr, rr, ntr, hr), (qc, kc, oc, vc, rc, ntc, hc) = (
+        _axis_plan(size[a], kernel[a], dilation[a], tile[a]) for a in (0, 1))
+    dr, dc = dilation
+    tr, tc = tile
+    width = 2 * kernel[1] - 1
+    # axes: [dr, dc, nTr, nTc, Tr, Tc, Hr, Hc]
+    vr8 = vr.view(dr, 1, ntr, 1, tr, 1, hr, 1)
+    vc8 = vc.view(1, dc, 1, ntc, 1, tc, 1, hc)
+    idx = rr.view(dr, 1, ntr, 1, tr, 1, hr, 1) * width + rc.view(1, dc, 1, ntc, 1, tc, 1, hc)
+    idx = torch.where(vr8 & vc8, idx, (2 * kernel[0] - 1) * width)
+    idx = idx.reshape(dr * dc * ntr * ntc, tr * tc, hr * hc)
+    to = functools.partial(torch.Tensor.to, device=device)
+    return tuple(map(to, (qr, kr, orr, qc, kc, oc, idx))) + (ntr, ntc, hr, hc)
+
+
+def _torch_tile(size: int, kernel: int, dilation: int) -> int:
+    return min(TORCH_TILE, _ceil_div(size, dilation))
+
+
+def na2d_torch(q, k, v, kernel: Pair, dilation: Pair, rpb: Optional[torch.Tensor], scale: float):
+    """Pure-PyTorch neighbourhood attention (any device, autograd for q, k, v and rpb)."""
+    B, H, W, nh, D = q.shape
+    tile = (_torch_tile(H, kernel[0], dilation[0]), _torch_tile(W, kernel[1], dilation[1]))
+    q_r, k_r, o_r, q_c, k_c, o_c, idx, ntr, ntc, hr, hc = _torch_plan(
+        (H, W), kernel, dilation, tile, q.device)
+    dr, dc = dilation
+    tr, tc = tile
+
+    def tiles(x, rows, cols, nr, nc, lr, lc):
+        x = x.index_select(1, rows).index_select(2, cols)
+        x = x.view(B, dr, nr, lr, dc, nc, lc, nh, D).permute(0, 7, 1, 4, 2, 5, 3, 6, 8)
+        return x.reshape(B, nh, idx.shape[0], lr * lc, D)
+
+    qt = tiles(q * scale, q_r, q_c, ntr, ntc, tr, tc)
+    kt = tiles(k, k_r, k_c, ntr, ntc, hr, hc)
+    vt = tiles(v, k_r, k_c, ntr, ntc, hr, hc)
+    if rpb is None:
+        table = q.new_zeros(1, (2 * kernel[0] - 1) * (2 * kernel[1] - 1))
+    else:
+        table = rpb.to(q.dtype).reshape(nh, -1)
+    table = torch.cat([table, table.new_full((table.shape[0], 1), float("-inf"))], 1)
+    bias = table.index_select(1, idx.reshape(-1)).view(table.shape[0], *idx.shape)
+    attn = torch.softmax(qt @ kt.transpose(-1, -2) + bias, dim=-1)
+    out = (attn @ vt).view(B, nh, dr, dc, ntr, ntc, tr, tc, D)
+    out = out.permute(0, 2, 4, 6, 3, 5, 7, 1, 8).reshape(B, dr * ntr * tr, dc * ntc * tc, nh, D)
+    return out.index_select(1, o_r).index_select(2, o_c)
+
+
+# --------------------------------------------------------------------------------------------
+# Group layout shared by the flex and triton backends: [B, heads, d_r·d_c, P_r, P_c, D].
+# --------------------------------------------------------------------------------------------
+
+def to_groups(x: torch.Tensor, dilation: Pair) -> torch.Tensor:
+    """``[B, H, W, heads, D]`` -> ``[B, heads, d_r·d_c, ceil(H/d_r), ceil(W/d_c), D]``
+    (contiguous). Slots past a group's end repeat real tokens; they are never valid keys."""
+    B, H, W, nh, D = x.shape
+    dr, dc = dilation
+    pr, pc = _ceil_div(H, dr), _ceil_div(W, dc)
+    x = x.index_select(1, _group_src(H, dr, x.device)).index_select(2, _group_src(W, dc, x.device))
+    x = x.view(B, dr, pr, dc, pc, nh, D).permute(0, 5, 1, 3, 2, 4, 6)
+    return x.reshape(B, nh, dr * dc, pr, pc, D)
+
+
+def from_groups(y: torch.Tensor, size: Pair, dilation: Pair) -> torch.Tensor:
+    """Inverse of :func:`to_groups`: ``[B, heads, G, P_r, P_c, D]`` -> ``[B, H, W, heads, D]``."""
+    B, nh, _, pr, pc, D = y.shape
+    dr, dc = dilation
+    y = y.view(B, nh, dr, dc, pr, pc, D).permute(0, 2, 4, 3, 5, 1, 6).reshape(
+        B, dr * pr, dc * pc, nh, D)
+    return y.index_select(1, _group_dst(size[0], dr, y.device)).index_select(
+        2, _group_dst(size[1], dc, y.device))
+
+
+@functools.lru_cache(maxsize=64)
+def _group_src(length: int, dilation: int, device: torch.device) -> torch.Tensor:
+    p = torch.arange(_ceil_div(length, dilation))
+    g = torch.arange(dilation).view(-1, 1)
+    return (p * dilation + g).clamp(max=length - 1).reshape(-1).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _group_dst(length: int, dilation: int, device: torch.device) -> torch.Tensor:
+    i = torch.arange(length)
+    return ((i % dilation) * _ceil_div(length, dilation) + i // dilation).to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# flex backend
+# --------------------------------------------------------------------------------------------
+
+_FLEX_BLOCK = 128
+_flex_compiled = {}  # device type -> compiled flex_attention, or None after a compile failure
+
+
+def _flex_fn(device_type: str, compile: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+    if not compile or _flex_compiled.get(device_type, True) is None:
+        return flex_attention
+    if device_type not in _flex_compiled:
+        _flex_compiled[device_type] = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled[device_type]
+
+
+@functools.lru_cache(maxsize=32)
+def _flex_tables(size: Pair, kernel: Pair, dilation: Pair, device: torch.device):
+    """Per-axis window starts ``[d, P]`` and group lengths ``[d]``, plus the block sparsity
+    (kv_num_blocks ``[1, 1, nQB]``, kv_indices ``[1, 1, nQB, nKB]``) of the flattened group
+    layout, computed from the windows without materialising the N×N mask."""
+    starts, lens, pads = [], [], []
+    for a in (0, 1):
+        p = _ceil_div(size[a], dilation[a])
+        glen = group_lengths(size[a], dilation[a])
+        starts.append(window_start(torch.arange(p).view(1, p), glen.view(-1, 1), kernel[a]))
+        lens.append(glen)
+        pads.append(p)
+    pr, pc = pads
+    dr, dc = dilation
+    n = dr * dc * pr * pc
+    # each query's window rows r and the column range [c0, c0+kw) -> flat key index ranges
+    s_r = starts[0].view(dr, 1, pr, 1).expand(dr, dc, pr, pc)
+    s_c = starts[1].view(1, dc, 1, pc).expand(dr, dc, pr, pc)
+    grp = torch.arange(dr * dc).view(dr, dc, 1, 1) * (pr * pc)
+    rows = s_r[..., None] + torch.arange(kernel[0])  # [dr, dc, pr, pc, kh]
+    lo = grp[..., None] + rows * pc + s_c[..., None]
+    hi = lo + min(kernel[1], pc) - 1
+    lo, hi = lo.clamp(max=n - 1).reshape(n, -1), hi.clamp(max=n - 1).reshape(n, -1)
+    nb = _ceil_div(n, _FLEX_BLOCK)
+    qb = (torch.arange(n) // _FLEX_BLOCK).view(n, 1)
+    touched = torch.zeros(nb, nb, dtype=torch.bool)
+    for span in range(_ceil_div(kernel[1], _FLEX_BLOCK) + 1):  # a row range spans ≤ this + 1 blocks
+        kb = torch.minimum(lo // _FLEX_BLOCK + span, hi // _FLEX_BLOCK)
+        touched[qb.expand_as(kb).reshape(-1), kb.reshape(-1)] = True
+    counts = touched.sum(1).to(torch.int32)
+    order = torch.argsort((~touched).to(torch.int8), dim=1, stable=True).to(torch.int32)
+    to = functools.partial(torch.Tensor.to, device=device)
+    return (to(starts[0]), to(starts[1]), to(lens[0]), to(lens[1]),
+            to(counts.view(1, 1, nb)), to(order.view(1, 1, nb, nb)), pr, pc)
+
+
+def na2d_flex(q, k, v, kernel: Pair, dilation: Pair, rpb: Optional[torch.Tensor], scale: float,
+              compile: bool = True):
+    """FlexAttention neighbourhood attention: NA ``mask_mod`` and RPB ``score_mod`` over the
+    group layout. Compiled with ``torch.compile`` (Triton on CUDA, C++ on CPU); if compilation
+    fails, warns once and runs flex eagerly (unfused, O(N²) memory). ``compile=False`` forces
+    the eager path. PyTorch's FlexAttention has no CPU backward: CPU inputs that require grad
+    raise."""
+    from torch.nn.attention.flex_attention import BlockMask
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, rpb)):
+        raise RuntimeError("backend 'flex': PyTorch FlexAttention has no backward on CPU; "
+                           "use backend='torch' for training on CPU")
+    B, H, W, nh, D = q.shape
+    kh, kw = kernel
+    s_r, s_c, len_r, len_c, counts, order, pr, pc = _flex_tables(
+        (H, W), kernel, dilation, q.device)
+    dc = dilation[1]
+    per_group = pr * pc
+
+    def coords(idx):
+        g, rem = idx // per_group, idx % per_group
+        return g, g // dc, g % dc, rem // pc, rem % pc
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        g, gr, gc, qr, qc = coords(q_idx)
+        g2, _, _, kr, kc = coords(kv_idx)
+        sr, sc = s_r[gr, qr], s_c[gc, qc]
+        return ((g == g2) & (kr >= sr) & (kr < sr + kh) & (kr < len_r[gr])
+                & (kc >= sc) & (kc < sc + kw) & (kc < len_c[gc]))
+
+    score_mod = None
+    if rpb is not None:
+        table = rpb.to(q.dtype)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            _, _, _, qr, qc = coords(q_idx)
+            _, _, _, kr, kc = coords(kv_idx)
+            i = (kr - qr + kh - 1).clamp(0, 2 * kh - 2)
+            j = (kc - qc + kw - 1).clamp(0, 2 * kw - 2)
+            return score + table[h, i, j]
+
+    n = q.shape[1] * 0 + len(s_r) * len(s_c) * per_group
+    block_mask = BlockMask.from_kv_blocks(counts, order, BLOCK_SIZE=_FLEX_BLOCK,
+                                          mask_mod=mask_mod, seq_lengths=(n, n))
+    qg, kg, vg = (to_groups(t, dilation).view(B, nh, n, D) for t in (q, k, v))
+    fn = _flex_fn(q.device.type, compile)
+    try:
+        out = fn(qg, kg, vg, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    except Exception as err:  # compilation unavailable (no compiler, unsupported platform...)
+        if fn is not _flex_fn(q.device.type, False):
+            _flex_compiled[q.device.type] = None
+            warnings.warn(f"backend 'flex': torch.compile failed ({type(err).__name__}: {err}); "
+                          "running FlexAttention eagerly (unfused, O(N^2) memory)",
+                          RuntimeWarning)
+            return na2d_flex(q, k, v, kernel, dilation, rpb, scale, compile=False)
+        raise
+    return from_groups(out.view(B, nh, -1, pr, pc, D), (H, W), dilation)
+
+
+# --------------------------------------------------------------------------------------------
+# natten backend
+# --------------------------------------------------------------------------------------------
+
+def na2d_natten(q, k, v, kernel: Pair, dilation: Pair, rpb: Optional[torch.Tensor], scale: float):
+    """``natten.na2d`` (natten ≥ 0.20): no RPB, and no masking of padded small inputs."""
+    if rpb is not None:
+        raise ValueError("backend 'natten': natten >= 0.20 has no relative position bias; "
+                         "use 'torch', 'flex' or 'triton' with rpb")
+    if q.shape[1] < kernel[0] or q.shape[2] < kernel[1]:
+        raise ValueError(f"backend 'natten': input {tuple(q.shape[1:3])} is smaller than the "
+                         f"kernel {kernel}; natten cannot mask the padded keys of the "
+                         "small-input policy")
+    import natten
+    return natten.na2d(q, k, v, kernel_size=kernel, dilation=dilation, scale=scale)
