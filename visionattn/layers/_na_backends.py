@@ -16,7 +16,6 @@ policy and then means "the whole axis". The RPB of query p and key p' in the sam
 ``rpb[h, p'_r - p_r + kh - 1, p'_c - p_c + kw - 1]``.
 """
 import functools
-import math
 import warnings
 from typing import Optional, Tuple
 
@@ -45,21 +44,23 @@ def group_lengths(length: int, dilation: int) -> torch.Tensor:
 # torch backend: query tiles against their key halo, dense matmuls, O(N·(T+k-1)²) memory.
 # --------------------------------------------------------------------------------------------
 
-TORCH_TILE = 8  # query tile side; measured fastest on CPU for k = 7 (tools/benchmark_na.py)
+# query tile side (per axis, capped at the group length); on CPU, k = 7: T = 4..8 are within
+# noise of each other, T ≥ 12 is slower (more masked keys per query)
+TORCH_TILE = 8
 
 
 @functools.lru_cache(maxsize=64)
 def _axis_plan(length: int, kernel: int, dilation: int, tile: int):
-    """Index tables for one axis, on CPU.
+    """Index tables for one axis (CPU tensors).
 
     Group positions are padded to P = nT·T (nT query tiles of T per group). Each tile's keys
     are a halo of Hl = min(T+k-1, P) consecutive group positions starting at the tile's first
-    window start (clamped to P-Hl): because window starts are monotone, the halo holds every
-    key of every query in the tile. Returns
-    q_src [d·P] absolute source index of every (group, position) query slot (clamped: slots
-    past the end are padding and their outputs are dropped), k_src [d·nT·Hl] absolute index
-    of every halo key, out_src [L] slot of every real token, valid [d, nT, T, Hl] and
-    rel [d, nT, T, Hl] (relative-position index p' - p + k - 1, clamped).
+    window start (clamped to P-Hl): window starts are monotone, so the halo holds every key of
+    every query in the tile. Returns
+    q_src [d, nT, T] absolute index of every query slot (clamped; slots past the group's end
+    are padding whose outputs are dropped), k_src [d, nT, Hl] absolute index of every halo key,
+    slot [L] the query slot g·P + p = (g·nT + tile)·T + offset of every real token,
+    valid [d, nT, T, Hl] and rel [d, nT, T, Hl] (RPB index p' - p + k - 1, clamped).
     """
     d, k, T = dilation, kernel, tile
     n_tiles = _ceil_div(_ceil_div(length, d), T)
@@ -68,76 +69,109 @@ def _axis_plan(length: int, kernel: int, dilation: int, tile: int):
     glen = group_lengths(length, d).view(d, 1)
     pos = torch.arange(P).view(1, P)
     start = window_start(pos, glen, k).view(d, n_tiles, T)
-    halo_start = start[:, :, 0].clamp(max=P - halo)
-    key = halo_start[..., None] + torch.arange(halo)  # [d, nT, Hl]
-    key4 = key[:, :, None, :]
-    s4 = start[..., None]
+    key = start[:, :, :1].clamp(max=P - halo) + torch.arange(halo)  # [d, nT, Hl]
+    key4, s4 = key[:, :, None, :], start[..., None]
     valid = (key4 >= s4) & (key4 < s4 + k) & (key4 < glen.view(d, 1, 1, 1))
     rel = (key4 - pos.view(1, n_tiles, T, 1) + k - 1).clamp(0, 2 * k - 2)
-    g = torch.arange(d)
-    q_src = (pos * d + g.view(d, 1)).clamp(max=length - 1).reshape(-1)
-    k_src = (key * d + g.view(d, 1, 1)).clamp(max=length - 1).reshape(-1)
+    g = torch.arange(d).view(d, 1)
+    q_src = (pos * d + g).clamp(max=length - 1).view(d, n_tiles, T)
+    k_src = (key * d + g.view(d, 1, 1)).clamp(max=length - 1)
     i = torch.arange(length)
-    out_src = (i % d) * P + i // d
-    return q_src, k_src, out_src, valid, rel, n_tiles, halo
+    slot = (i % d) * P + i // d
+    return q_src, k_src, slot, valid, rel
 
 
 @functools.lru_cache(maxsize=32)
 def _torch_plan(size: Pair, kernel: Pair, dilation: Pair, tile: Pair, device: torch.device):
-    """Both axes' index tables plus the 2-D bias index ``[G, T_r·T_c, Hl_r·Hl_c]`` on ``device``
-    (G = d_r·d_c·nT_r·nT_c tiles); entries of keys outside the window point one past the end
-    of the flattened RPB, where the caller puts -inf."""
-    (qr, kr, orr, vr, rr, ntr, hr), (qc, kc, oc, vc, rc, ntc, hc) = (
+    """Flat gather indices over the H·W tokens, in tile order [d_r, d_c, nT_r, nT_c, ·, ·]:
+    q_idx [G·T_r·T_c], k_idx [G·Hl_r·Hl_c], out_idx [H·W] (where each token's output sits),
+    and the bias index [G, T_r·T_c, Hl_r·Hl_c] into the flattened RPB (keys outside the window
+    point one past its end, where the caller puts -inf). G = d_r·d_c·nT_r·nT_c tiles."""
+    (qr, kr, sr, vr, rr), (qc, kc, sc, vc, rc) = (
         _axis_plan(size[a], kernel[a], dilation[a], tile[a]) for a in (0, 1))
-    dr, dc = dilation
-    tr, tc = tile
+    (dr, ntr, tr), (dc, ntc, tc) = qr.shape, qc.shape
+    hr, hc = kr.shape[-1], kc.shape[-1]
+    W = size[1]
+
+    def grid(r, c):  # [dr, nTr, a] x [dc, nTc, b] -> flat [dr, dc, nTr, nTc, a, b]
+        return (r.view(dr, 1, ntr, 1, -1, 1) * W + c.view(1, dc, 1, ntc, 1, -1)).reshape(-1)
+
+    # output slot of token (i, j) in the [dr, dc, nTr, nTc, Tr, Tc] order
+    gr, offr = sr // tr, sr % tr  # gr = group·nTr + tile
+    gc, offc = sc // tc, sc % tc
+    out = (((gr // ntr * dc).view(-1, 1) + gc // ntc) * ntr + (gr % ntr).view(-1, 1)) * ntc
+    out = ((out + gc % ntc) * tr + offr.view(-1, 1)) * tc + offc
     width = 2 * kernel[1] - 1
-    # axes: [dr, dc, nTr, nTc, Tr, Tc, Hr, Hc]
-    vr8 = vr.view(dr, 1, ntr, 1, tr, 1, hr, 1)
-    vc8 = vc.view(1, dc, 1, ntc, 1, tc, 1, hc)
-    idx = rr.view(dr, 1, ntr, 1, tr, 1, hr, 1) * width + rc.view(1, dc, 1, ntc, 1, tc, 1, hc)
-    idx = torch.where(vr8 & vc8, idx, (2 * kernel[0] - 1) * width)
-    idx = idx.reshape(dr * dc * ntr * ntc, tr * tc, hr * hc)
-    to = functools.partial(torch.Tensor.to, device=device)
-    return tuple(map(to, (qr, kr, orr, qc, kc, oc, idx))) + (ntr, ntc, hr, hc)
-
-
-def _torch_tile(size: int, kernel: int, dilation: int) -> int:
-    return min(TORCH_TILE, _ceil_div(size, dilation))
+    shape8 = (dr, 1, ntr, 1, tr, 1, hr, 1), (1, dc, 1, ntc, 1, tc, 1, hc)
+    bias = rr.view(shape8[0]) * width + rc.view(shape8[1])
+    bias = torch.where(vr.view(shape8[0]) & vc.view(shape8[1]), bias,
+                       (2 * kernel[0] - 1) * width)
+    bias = bias.reshape(dr * dc * ntr * ntc, tr * tc, hr * hc)
+    return tuple(t.to(device) for t in (grid(qr, qc), grid(kr, kc), out.reshape(-1), bias))
 
 
 def na2d_torch(q, k, v, kernel: Pair, dilation: Pair, rpb: Optional[torch.Tensor], scale: float):
-    """Pure-PyTorch neighbourhood attention (any device, autograd for q, k, v and rpb)."""
+    """Pure-PyTorch neighbourhood attention (any device, autograd for q, k, v and rpb).
+
+    Queries are cut, per dilation group, into T×T tiles; each tile attends densely to its
+    (T+k-1)² key halo through one fused ``scaled_dot_product_attention`` whose additive mask
+    holds the RPB and -inf outside each query's window. Time and memory O(N·(T+k-1)²)."""
     B, H, W, nh, D = q.shape
-    tile = (_torch_tile(H, kernel[0], dilation[0]), _torch_tile(W, kernel[1], dilation[1]))
-    q_r, k_r, o_r, q_c, k_c, o_c, idx, ntr, ntc, hr, hc = _torch_plan(
-        (H, W), kernel, dilation, tile, q.device)
-    dr, dc = dilation
-    tr, tc = tile
+    tile = tuple(min(TORCH_TILE, _ceil_div(n, d)) for n, d in zip((H, W), dilation))
+    q_idx, k_idx, out_idx, bias_idx = _torch_plan((H, W), kernel, dilation, tile, q.device)
+    G, LQ, LK = bias_idx.shape
 
-    def tiles(x, rows, cols, nr, nc, lr, lc):
-        x = x.index_select(1, rows).index_select(2, cols)
-        x = x.view(B, dr, nr, lr, dc, nc, lc, nh, D).permute(0, 7, 1, 4, 2, 5, 3, 6, 8)
-        return x.reshape(B, nh, idx.shape[0], lr * lc, D)
+    def gather(x, idx, n):  # [B, H, W, heads, D] -> [B, heads·G, n, D]
+        x = x.reshape(B, H * W, nh, D).transpose(1, 2).index_select(2, idx)
+        return x.view(B, nh * G, n, D)
 
-    qt = tiles(q * scale, q_r, q_c, ntr, ntc, tr, tc)
-    kt = tiles(k, k_r, k_c, ntr, ntc, hr, hc)
-    vt = tiles(v, k_r, k_c, ntr, ntc, hr, hc)
     if rpb is None:
-        table = q.new_zeros(1, (2 * kernel[0] - 1) * (2 * kernel[1] - 1))
+        table = q.new_zeros(nh, (2 * kernel[0] - 1) * (2 * kernel[1] - 1))
     else:
         table = rpb.to(q.dtype).reshape(nh, -1)
-    table = torch.cat([table, table.new_full((table.shape[0], 1), float("-inf"))], 1)
-    bias = table.index_select(1, idx.reshape(-1)).view(table.shape[0], *idx.shape)
-    attn = torch.softmax(qt @ kt.transpose(-1, -2) + bias, dim=-1)
-    out = (attn @ vt).view(B, nh, dr, dc, ntr, ntc, tr, tc, D)
-    out = out.permute(0, 2, 4, 6, 3, 5, 7, 1, 8).reshape(B, dr * ntr * tr, dc * ntc * tc, nh, D)
-    return out.index_select(1, o_r).index_select(2, o_c)
+    table = torch.cat([table, table.new_full((nh, 1), float("-inf"))], 1)
+    bias = table.index_select(1, bias_idx.view(-1)).view(1, nh * G, LQ, LK)
+    if q.is_cuda and bias.requires_grad:  # CUDA's SDPA kernels take no grad of a broadcast mask
+        bias = bias.expand(B, -1, -1, -1).contiguous()
+    out = F.scaled_dot_product_attention(gather(q, q_idx, LQ), gather(k, k_idx, LK),
+                                         gather(v, k_idx, LK), attn_mask=bias, scale=scale)
+    out = out.reshape(B, nh, G * LQ, D).index_select(2, out_idx)
+    return out.transpose(1, 2).reshape(B, H, W, nh, D)
 
 
 # --------------------------------------------------------------------------------------------
-# Group layout shared by the flex and triton backends: [B, heads, d_r·d_c, P_r, P_c, D].
+# Group layout of the flex and triton backends: G = d_r·d_c groups of P_r×P_c query slots,
+# P = ceil(L/d); slot (g, p_r, p_c) is flattened as (g·P_r + p_r)·P_c + p_c.
 # --------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=32)
+def rpb_classes(size: Pair, kernel: Pair, dilation: Pair, device: torch.device):
+    """RPB of the group layout as kh·kw window-offset classes (contention-free RPB gradients).
+
+    Per axis a query's RPB offset o = start - p + k - 1 lies in [0, k-1], and its bias at window
+    offset t is rpb[h, o_r + t_r, o_c + t_c]: it depends only on the class c = o_r·kw + o_c.
+    Returns ``onehot`` [G·P_r·P_c, kh·kw] (float32 class indicator of each slot, all-zero for
+    padding slots) and ``rel`` [kh·kw classes, kh·kw offsets], the flattened RPB index. So the
+    per-slot bias is ``onehot @ rpb.view(h, -1)[:, rel]`` and a per-slot bias gradient ``ds``
+    [h, slots, kh·kw] reduces to drpb by ``index_add(rel, onehot.T @ ds)``.
+    """
+    offsets, real = [], []
+    for a in (0, 1):
+        p = torch.arange(_ceil_div(size[a], dilation[a])).view(1, -1)
+        glen = group_lengths(size[a], dilation[a]).view(-1, 1)
+        offsets.append(window_start(p, glen, kernel[a]) - p + kernel[a] - 1)  # [d, P]
+        real.append(p < glen)
+    (dr, pr), (dc, pc) = offsets[0].shape, offsets[1].shape
+    kh, kw = kernel
+    cls = (offsets[0].view(dr, 1, pr, 1) * kw + offsets[1].view(1, dc, 1, pc)).clamp(0, kh * kw - 1)
+    keep = real[0].view(dr, 1, pr, 1) & real[1].view(1, dc, 1, pc)
+    onehot = torch.nn.functional.one_hot(cls.reshape(-1), kh * kw).float()
+    onehot *= keep.reshape(-1, 1)
+    t = torch.arange(kh * kw)
+    c = t.view(-1, 1)
+    rel = (c // kw + t // kw) * (2 * kw - 1) + (c % kw + t % kw)
+    return onehot.to(device), rel.to(device)
+
 
 def to_groups(x: torch.Tensor, dilation: Pair) -> torch.Tensor:
     """``[B, H, W, heads, D]`` -> ``[B, heads, d_r·d_c, ceil(H/d_r), ceil(W/d_c), D]``
@@ -147,7 +181,7 @@ def to_groups(x: torch.Tensor, dilation: Pair) -> torch.Tensor:
     pr, pc = _ceil_div(H, dr), _ceil_div(W, dc)
     x = x.index_select(1, _group_src(H, dr, x.device)).index_select(2, _group_src(W, dc, x.device))
     x = x.view(B, dr, pr, dc, pc, nh, D).permute(0, 5, 1, 3, 2, 4, 6)
-    return x.reshape(B, nh, dr * dc, pr, pc, D)
+    return x.reshape(B, nh, dr * dc, pr, pc, D).contiguous()
 
 
 def from_groups(y: torch.Tensor, size: Pair, dilation: Pair) -> torch.Tensor:
@@ -216,7 +250,7 @@ def _flex_tables(size: Pair, kernel: Pair, dilation: Pair, device: torch.device)
     nb = _ceil_div(n, _FLEX_BLOCK)
     qb = (torch.arange(n) // _FLEX_BLOCK).view(n, 1)
     touched = torch.zeros(nb, nb, dtype=torch.bool)
-    for span in range(_ceil_div(kernel[1], _FLEX_BLOCK) + 1):  # a row range spans ≤ this + 1 blocks
+    for span in range(_ceil_div(kernel[1], _FLEX_BLOCK) + 1):  # blocks a window row can span
         kb = torch.minimum(lo // _FLEX_BLOCK + span, hi // _FLEX_BLOCK)
         touched[qb.expand_as(kb).reshape(-1), kb.reshape(-1)] = True
     counts = touched.sum(1).to(torch.int32)
@@ -229,10 +263,11 @@ def _flex_tables(size: Pair, kernel: Pair, dilation: Pair, device: torch.device)
 def na2d_flex(q, k, v, kernel: Pair, dilation: Pair, rpb: Optional[torch.Tensor], scale: float,
               compile: bool = True):
     """FlexAttention neighbourhood attention: NA ``mask_mod`` and RPB ``score_mod`` over the
-    group layout. Compiled with ``torch.compile`` (Triton on CUDA, C++ on CPU); if compilation
-    fails, warns once and runs flex eagerly (unfused, O(N²) memory). ``compile=False`` forces
-    the eager path. PyTorch's FlexAttention has no CPU backward: CPU inputs that require grad
-    raise."""
+    group layout, block sparsity from the windows. Compiled with ``torch.compile`` (Triton on
+    CUDA, C++ on CPU), once per geometry and dtype (dynamo's recompile limit applies); if
+    compilation fails, warns once and runs flex eagerly (unfused, O(N²) memory).
+    ``compile=False`` forces the eager path. PyTorch's FlexAttention has no CPU backward: CPU
+    inputs that require grad raise."""
     from torch.nn.attention.flex_attention import BlockMask
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, rpb)):
@@ -258,22 +293,26 @@ def na2d_flex(q, k, v, kernel: Pair, dilation: Pair, rpb: Optional[torch.Tensor]
 
     score_mod = None
     if rpb is not None:
-        table = rpb.to(q.dtype)
+        # per-slot bias [heads, slots, kh·kw]: its gradient spreads over all slots instead of
+        # piling atomics onto the (2k-1)² RPB entries
+        onehot, rel = rpb_classes((H, W), kernel, dilation, q.device)
+        slot_bias = onehot @ rpb.float().reshape(nh, -1)[:, rel]
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            _, _, _, qr, qc = coords(q_idx)
+            _, gr, gc, qr, qc = coords(q_idx)
             _, _, _, kr, kc = coords(kv_idx)
-            i = (kr - qr + kh - 1).clamp(0, 2 * kh - 2)
-            j = (kc - qc + kw - 1).clamp(0, 2 * kw - 2)
-            return score + table[h, i, j]
+            t = ((kr - s_r[gr, qr]).clamp(0, kh - 1) * kw + (kc - s_c[gc, qc]).clamp(0, kw - 1))
+            return score + slot_bias[h, q_idx, t]
 
-    n = q.shape[1] * 0 + len(s_r) * len(s_c) * per_group
+    n = dilation[0] * dilation[1] * per_group
     block_mask = BlockMask.from_kv_blocks(counts, order, BLOCK_SIZE=_FLEX_BLOCK,
                                           mask_mod=mask_mod, seq_lengths=(n, n))
     qg, kg, vg = (to_groups(t, dilation).view(B, nh, n, D) for t in (q, k, v))
     fn = _flex_fn(q.device.type, compile)
     try:
         out = fn(qg, kg, vg, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    except torch.OutOfMemoryError:
+        raise
     except Exception as err:  # compilation unavailable (no compiler, unsupported platform...)
         if fn is not _flex_fn(q.device.type, False):
             _flex_compiled[q.device.type] = None
