@@ -29,27 +29,26 @@ __all__ = [
 ]
 
 
-def check_input(x: torch.Tensor, in_chans: int, min_size: int = 1, name: str = 'x') -> None:
+def _is_fx_tracing() -> bool:
+    """True while torch.fx symbolically traces a model (input checks are skipped then)."""
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
+@torch.jit.ignore
+def check_input(x: torch.Tensor, in_chans: int, min_size: int) -> None:
     """Raise a clear error for a wrong input rank, channel count or too small an image."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or _is_fx_tracing():
+    if torch.jit.is_tracing() or _is_fx_tracing():
         return
     if x.ndim != 4:
-        raise ValueError(f'{name}: expected a 4-D NCHW image batch, got a tensor of shape {tuple(x.shape)}')
+        raise ValueError(f'input: expected a 4-D NCHW image batch, got a tensor of shape {tuple(x.shape)}')
     if x.shape[1] != in_chans:
         raise ValueError(
-            f'{name}: expected {in_chans} input channels (in_chans={in_chans}), got {x.shape[1]} '
+            f'input: expected {in_chans} input channels (in_chans={in_chans}), got {x.shape[1]} '
             f'(input shape {tuple(x.shape)})')
     if x.shape[2] < min_size or x.shape[3] < min_size:
         raise ValueError(
-            f'{name}: image of {x.shape[2]}x{x.shape[3]} is smaller than this model\'s minimum input size '
+            f'input: image of {x.shape[2]}x{x.shape[3]} is smaller than this model\'s minimum input size '
             f'{min_size}x{min_size}')
-
-
-def _is_fx_tracing() -> bool:
-    try:
-        return torch.fx._symbolic_trace.is_fx_tracing()
-    except AttributeError:  # pragma: no cover - older torch
-        return False
 
 
 class Stage(nn.Module):
@@ -82,17 +81,15 @@ class Stage(nn.Module):
         self.reduction = reduction
         self.grad_checkpointing = False
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(block, x)
-        return block(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         if self.channels_last_blocks:
             x = x.permute(0, 2, 3, 1)
         for i, block in enumerate(self.blocks):
-            x = self._run_block(block, x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x)
+            else:
+                x = block(x)
             if i == 0 and hasattr(self, 'pos_block'):
                 x = self.pos_block(x)
         if self.channels_last_blocks:
