@@ -1,0 +1,413 @@
+"""mmdet integration: ``visionattn.Backbone``, weight export, detection configs.
+
+Needs the det extra (mmcv 2.1.0 with compiled ops, mmengine 0.10.7, mmdet 3.3.0): install it with
+``bash tools/setup_det.sh``. Without it this module fails at collection with that instruction
+(it does not skip). Every landed family (its smallest variant) is covered; a family lands here
+by being registered (``visionattn.list_models()``).
+"""
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+try:
+    import mmcv
+    import mmdet
+    import mmengine
+    from mmcv.ops import nms  # noqa: F401  (compiled ops, needed by every detector's predict)
+except ImportError as e:  # pragma: no cover - environment
+    pytest.fail(
+        f'tests/test_det.py needs the det extra (mmcv 2.1.0 with ops, mmengine 0.10.7, mmdet 3.3.0): run '
+        f'`bash tools/setup_det.sh`. Import failed: {e}', pytrace=False)
+
+import timm  # noqa: E402
+from mmdet.registry import MODELS  # noqa: E402
+from mmdet.structures import DetDataSample  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.structures import InstanceData  # noqa: E402
+
+import visionattn  # noqa: E402
+import visionattn.det  # noqa: E402,F401
+from visionattn.det import VisionAttnBackbone, backbone_channels  # noqa: E402
+from visionattn.det.convert import detection_model_kwargs  # noqa: E402
+from visionattn.det.families import DET_FAMILIES, family_for  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'tools'))
+import export as export_tool  # noqa: E402
+
+from layouts import LAYOUTS, load_layout, random_state_dict, wrap  # noqa: E402
+
+# smallest variant per family: (model, official layout (dir, variant), det config stem or None)
+SMALLEST = {
+    'davit': ('visionattn_davit_tiny', ('davit', 'DaViT_tiny'), 'davit_tiny'),
+    'twins_pcpvt': ('visionattn_twins_pcpvt_small', ('twins', 'pcpvt_small_v0'), 'twins_pcpvt_small'),
+    'twins_svt': ('visionattn_twins_svt_small', ('twins', 'alt_gvt_small'), 'twins_svt_small'),
+    'convit': ('visionattn_convit_tiny', ('convit', 'convit_tiny'), 'convit_tiny'),
+    'nat': ('visionattn_nat_mini', ('nat', 'nat_mini'), 'nat_mini'),
+    'dinat': ('visionattn_dinat_mini', ('nat', 'dinat_mini'), 'dinat_mini'),
+    'dinat_s': ('visionattn_dinat_s_tiny', ('nat', 'dinat_s_tiny'), None),
+    'nat_isotropic': ('visionattn_nat_isotropic_small', ('nat', 'nat_isotropic_small'), None),
+}
+REGISTERED = set(visionattn.list_models())
+LANDED = [f for f, (m, _, _) in SMALLEST.items() if m in REGISTERED]
+SIZE = (256, 320)  # non-square, what pad_size_divisor=32 produces
+
+
+def _bb_cfg(model, **kw):
+    return dict(type='visionattn.Backbone', model_name=model, **kw)
+
+
+@pytest.fixture(scope='module')
+def backbones():
+    """One default backbone per landed family, built through mmdet's registry (eval mode)."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            torch.manual_seed(0)
+            cache[family] = MODELS.build(_bb_cfg(SMALLEST[family][0])).eval()
+        return cache[family]
+    return get
+
+
+def test_versions_and_every_family_has_a_recipe():
+    assert mmcv.__version__ == '2.1.0' and mmengine.__version__ == '0.10.7' and mmdet.__version__ == '3.3.0'
+    assert LANDED, 'no family landed'
+    names = {f.name for f in DET_FAMILIES}
+    assert set(SMALLEST) == names, 'SMALLEST must list the smallest variant of every DET_FAMILIES entry'
+    for m in sorted(REGISTERED):
+        fam = family_for(m)  # explicit line, or the generic recipe (with a warning)
+        assert fam.matches(m)
+    assert MODELS.get('visionattn.Backbone') is VisionAttnBackbone
+    assert MODELS.get('VisionAttnBackbone') is VisionAttnBackbone
+
+
+@pytest.mark.parametrize('family', LANDED)
+def test_registry_build_channels_strides(family, backbones):
+    model_name = SMALLEST[family][0]
+    bb = backbones(family)
+    assert isinstance(bb, VisionAttnBackbone)
+    fam = family_for(model_name)
+    feats = timm.create_model(model_name, features_only=True, pretrained=False, device='meta',
+                              out_indices=tuple(bb._take), **detection_model_kwargs(model_name, {}))
+    if fam.plain:  # stride-16 blocks; the simple pyramid makes strides 4..32 with the same channels
+        assert bb.out_channels == feats.feature_info.channels()
+        assert set(feats.feature_info.reduction()) == {16}
+        assert bb.out_strides == [4, 8, 16, 32]
+    else:
+        assert bb.out_channels == feats.feature_info.channels()
+        assert bb.out_strides == feats.feature_info.reduction() == [4, 8, 16, 32]
+    assert backbone_channels(model_name) == bb.out_channels
+    with torch.no_grad():
+        outs = bb(torch.randn(1, 3, *SIZE))
+    assert isinstance(outs, tuple) and len(outs) == 4
+    for o, c, s in zip(outs, bb.out_channels, bb.out_strides):
+        assert tuple(o.shape) == (1, c, SIZE[0] // s, SIZE[1] // s)
+        assert torch.isfinite(o).all()
+    assert (len(bb.out_norms) == 4) == (fam.out_norm_eps is not None)
+    # a subset of levels
+    sub = MODELS.build(_bb_cfg(model_name, out_indices=(1, 3), out_norms=False)).eval()
+    with torch.no_grad():
+        so = sub(torch.randn(1, 3, 64, 96))
+    assert [tuple(o.shape[1:]) for o in so] == [(bb.out_channels[1], 8, 12), (bb.out_channels[3], 2, 3)]
+
+
+@pytest.mark.parametrize('family', LANDED)
+def test_small_and_odd_padded_sizes(family, backbones):
+    bb = backbones(family)
+    with torch.no_grad():
+        for h, w in ((64, 96), (160, 224)):
+            outs = bb(torch.randn(1, 3, h, w))
+            assert [tuple(o.shape[2:]) for o in outs] == [(h // s, w // s) for s in bb.out_strides]
+
+
+@pytest.mark.parametrize('family', LANDED)
+def test_frozen_stages_and_norm_eval(family):
+    model_name = SMALLEST[family][0]
+    bb = MODELS.build(_bb_cfg(model_name, frozen_stages=2, norm_eval=True))
+    probe = nn.BatchNorm2d(3)  # the landed families have no BatchNorm: check norm_eval on a probe
+    bb.add_module('bn_probe', probe)
+    bb.train()
+    frozen = [m for k in range(3) for m in bb._stage_modules(k)]
+    live = bb._stage_modules(3)
+    assert frozen and live
+    for m in frozen:
+        assert not m.training
+        assert all(not p.requires_grad for p in m.parameters())
+    for m in live:
+        assert m.training
+        assert all(p.requires_grad for p in m.parameters())
+    assert all(not p.requires_grad for p in bb.model._parameters.values() if p is not None)
+    assert not probe.training
+    bb.train(False)
+    bb.train(True)  # still frozen after another .train()
+    assert all(not p.requires_grad for m in frozen for p in m.parameters())
+    assert not frozen[0].training and not probe.training
+    # with norm_eval=False BatchNorms train
+    bb2 = MODELS.build(_bb_cfg(model_name, frozen_stages=-1))
+    bb2.add_module('bn_probe', nn.BatchNorm2d(3))
+    bb2.train()
+    assert bb2.bn_probe.training and all(p.requires_grad for p in bb2.parameters())
+    with pytest.raises(ValueError, match='frozen_stages'):
+        VisionAttnBackbone(model_name, frozen_stages=9, device='meta')
+
+
+def test_with_cp_same_output_and_grads():
+    family = LANDED[0]
+    model_name = SMALLEST[family][0]
+    torch.manual_seed(0)
+    a = VisionAttnBackbone(model_name, drop_path_rate=0.)
+    torch.manual_seed(0)
+    b = VisionAttnBackbone(model_name, drop_path_rate=0., with_cp=True)
+    b.load_state_dict(a.state_dict())
+    stages = getattr(b.model, 'stages', None) or [b.model]
+    assert all(getattr(s, 'grad_checkpointing', False) for s in stages)
+    x = torch.randn(1, 3, 64, 96)
+    a.train(), b.train()
+    ya, yb = a(x), b(x)
+    for u, v in zip(ya, yb):
+        torch.testing.assert_close(u, v)
+    sum(o.sum() for o in yb).backward()
+    assert all(p.grad is not None for p in b.model.parameters())
+
+
+def test_errors():
+    with pytest.raises(ValueError, match='visionattn_foo'):
+        MODELS.build(_bb_cfg('visionattn_foo'))
+    with pytest.raises(ValueError, match='registered visionattn model'):
+        VisionAttnBackbone('resnet50')
+    name = SMALLEST[LANDED[0]][0]
+    with pytest.raises(ValueError, match='out_indices'):
+        VisionAttnBackbone(name, out_indices=(2, 1), device='meta')
+    with pytest.raises(ValueError, match='levels'):
+        VisionAttnBackbone(name, out_indices=(0, 4), device='meta')
+    with pytest.raises(ValueError, match='cannot be specified'):
+        VisionAttnBackbone(name, pretrained='x.pth', init_cfg=dict(type='Pretrained', checkpoint='x.pth'))
+
+
+# ------------------------------------------------------------------------------------------- weights
+def _train_checkpoint(model_name, path, seed=0):
+    """What tools/train.py saves: arch + state_dict + state_dict_ema (EMA differs from the raw weights)."""
+    torch.manual_seed(seed)
+    cls = timm.create_model(model_name, **detection_model_kwargs(model_name, {}))
+    sd = cls.state_dict()
+    ema = {k: (v + 0.01 * torch.randn_like(v)) if v.is_floating_point() else v.clone() for k, v in sd.items()}
+    torch.save({'arch': model_name, 'epoch': 3, 'state_dict': sd, 'state_dict_ema': ema, 'optimizer': {}}, path)
+    cls.load_state_dict(ema)
+    return cls.eval()
+
+
+@pytest.mark.parametrize('family', LANDED)
+def test_export_roundtrip_matches_forward_intermediates(family, tmp_path, capsys):
+    model_name = SMALLEST[family][0]
+    ckpt = tmp_path / 'last.pth'
+    cls = _train_checkpoint(model_name, ckpt)
+    out = tmp_path / 'bb'
+    assert export_tool.main([str(ckpt), '--model', model_name, '--ema', '-o', str(out)]) == 0
+    report = capsys.readouterr().out
+    assert '100.0% of backbone values' in report and 'head.' in report  # classifier dropped, all covered
+    mm = torch.load(str(out) + '_mmdet.pth')
+    assert all(k.startswith('backbone.model.') for k in mm['state_dict'])
+    assert not any('.head.' in k or k.startswith('backbone.model.head') for k in mm['state_dict'])
+
+    x = torch.randn(1, 3, 96, 128)
+    for path in (str(out) + '_mmdet.pth', str(out) + '.safetensors'):
+        torch.manual_seed(123)  # a different random init: every key must be overwritten
+        bb = MODELS.build(_bb_cfg(model_name, out_norms=False,
+                                  init_cfg=dict(type='Pretrained', checkpoint=path)))
+        bb.init_weights()
+        bb.eval()
+        own = bb.model.state_dict()
+        ref = cls.state_dict()
+        for k, v in own.items():  # no backbone key left at its random init
+            torch.testing.assert_close(v, ref[k], rtol=0, atol=0, msg=k)
+        with torch.no_grad():
+            outs = bb(x)
+            inter = cls.forward_intermediates(x, indices=bb._take, intermediates_only=True)
+        if bb.plain:
+            with torch.no_grad():
+                raw = bb.model.forward_intermediates(x, indices=bb._take, intermediates_only=True)
+            for r, i in zip(raw, inter):
+                torch.testing.assert_close(r, i, rtol=0, atol=0)
+            torch.testing.assert_close(outs[2], inter[2], rtol=0, atol=0)  # level 2 = stride 16, identity
+        else:
+            for o, i in zip(outs, inter):
+                torch.testing.assert_close(o, i, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('family', LANDED)
+def test_official_checkpoint_through_family_filter(family, tmp_path):
+    model_name, (fam_dir, variant), _ = SMALLEST[family]
+    if not (LAYOUTS / fam_dir / f'{variant}.json').exists():
+        pytest.fail(f'official layout {fam_dir}/{variant}.json missing from the specs')
+    sd = random_state_dict(load_layout(fam_dir, variant))
+    path = tmp_path / 'official.pth'
+    torch.save(wrap(sd, 'model'), path)
+    bb = VisionAttnBackbone(model_name, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    bb.init_weights()
+    # every backbone tensor now comes from the file (random N(0, .02) values, not the model's init)
+    values = {tuple(v.flatten()[:4].tolist()) for v in sd.values() if v.numel() >= 4}
+    for k, v in bb.model.state_dict().items():
+        if v.numel() >= 4:
+            assert tuple(v.flatten()[:4].tolist()) in values, f'{k} was not loaded'
+    # a missing backbone key is an error naming it
+    key = next(k for k in sd if '.mlp.' in k or '.attn.' in k)
+    broken = {k: v for k, v in sd.items() if k != key}
+    torch.save(broken, tmp_path / 'broken.pth')
+    bad = VisionAttnBackbone(model_name, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'broken.pth')))
+    with pytest.raises(ValueError, match='missing'):
+        bad.init_weights()
+
+
+def test_export_errors(tmp_path, capsys):
+    model_name = SMALLEST[LANDED[0]][0]
+    ckpt = tmp_path / 'c.pth'
+    _train_checkpoint(model_name, ckpt)
+    assert export_tool.main([str(ckpt), '--model', 'visionattn_nope']) == 2
+    assert 'unknown architecture' in capsys.readouterr().err
+    other = next(m for f, (m, _, _) in SMALLEST.items() if f in LANDED and m != model_name) if len(LANDED) > 1 else None
+    if other:
+        assert export_tool.main([str(ckpt), '--model', other]) == 2
+        assert 'was trained as' in capsys.readouterr().err
+        raw = tmp_path / 'raw.pth'
+        torch.save(torch.load(ckpt)['state_dict'], raw)
+        assert export_tool.main([str(raw), '--model', other]) == 2  # the filter rejects another architecture
+        assert 'cannot be loaded' in capsys.readouterr().err
+    sd = torch.load(ckpt)['state_dict']
+    sd.pop(next(k for k in sd if k.startswith('stages.') or k.startswith('blocks.')))
+    torch.save({'state_dict': sd}, tmp_path / 'missing.pth')
+    assert export_tool.main([str(tmp_path / 'missing.pth'), '--model', model_name]) == 2
+    assert 'missing' in capsys.readouterr().err
+    torch.save({'arch': model_name, 'state_dict': sd}, tmp_path / 'noema.pth')
+    assert export_tool.main([str(tmp_path / 'noema.pth'), '--ema']) == 2
+    assert 'EMA' in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- detectors
+def _config(family, det='retinanet'):
+    model_name, _, stem = SMALLEST[family]
+    cfg = Config.fromfile(str(ROOT / 'configs' / 'det' / f'{det}_{stem or "davit_tiny"}_fpn_1x_coco.py'))
+    if stem is None:
+        cfg.model.backbone.model_name = model_name
+        cfg.model.neck.in_channels = backbone_channels(model_name)
+    return cfg
+
+
+def _batch(model, size, n_obj=3, masks=False):
+    h, w = size
+    sample = DetDataSample(metainfo=dict(img_shape=size, ori_shape=size, pad_shape=size, scale_factor=(1., 1.),
+                                         batch_input_shape=size))
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(n_obj, 2, generator=g) * torch.tensor([w * .6, h * .6])
+    wh = 24 + torch.rand(n_obj, 2, generator=g) * 60
+    inst = InstanceData(bboxes=torch.cat([xy, xy + wh], 1), labels=torch.tensor([0, 5, 17][:n_obj]))
+    if masks:
+        from mmdet.structures.mask import BitmapMasks
+        m = torch.zeros(n_obj, h, w, dtype=torch.uint8)
+        for i, b in enumerate(inst.bboxes.int().tolist()):
+            m[i, b[1]:b[3], b[0]:b[2]] = 1
+        inst.masks = BitmapMasks(m.numpy(), h, w)
+    sample.gt_instances = inst
+    img = (torch.rand(3, h, w, generator=g) * 255).to(torch.uint8)
+    return dict(inputs=[img], data_samples=[sample])
+
+
+@pytest.mark.parametrize('family', LANDED)
+def test_retinanet_loss_step_and_predict(family):
+    cfg = _config(family)
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    assert isinstance(model.backbone, VisionAttnBackbone)
+    assert list(cfg.model.neck.in_channels) == model.backbone.out_channels
+    model.train()
+    data = model.data_preprocessor(_batch(model, SIZE), training=True)
+    assert tuple(data['inputs'].shape[-2:]) == SIZE
+    losses = model(**data, mode='loss')
+    total = sum(v.sum() if isinstance(v, torch.Tensor) else sum(x.sum() for x in v) for v in losses.values())
+    assert all(torch.isfinite(v if isinstance(v, torch.Tensor) else torch.stack(v)).all() for v in losses.values())
+    total.backward()
+    grads = {k: p.grad for k, p in model.backbone.model.named_parameters()}
+    missing = [k for k, g in grads.items() if g is None]
+    assert not missing, f'no gradient reached {missing[:5]}'
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert sum(g.abs().sum() for g in grads.values()) > 0
+    model.eval()
+    with torch.no_grad():
+        data = model.data_preprocessor(_batch(model, SIZE), training=False)
+        res = model(**data, mode='predict')
+    assert len(res) == 1 and res[0].pred_instances.bboxes.shape[-1] == 4
+
+
+def test_mask_rcnn_loss_step():
+    family = 'twins_svt' if 'twins_svt' in LANDED else LANDED[0]
+    cfg = _config(family, 'mask-rcnn')
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    model.train()
+    data = model.data_preprocessor(_batch(model, (128, 160), masks=True), training=True)
+    losses = model(**data, mode='loss')
+    assert {'loss_rpn_cls', 'loss_cls', 'loss_bbox', 'loss_mask'} <= set(losses)
+    total = sum(v.sum() if isinstance(v, torch.Tensor) else sum(x.sum() for x in v) for v in losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert all(p.grad is not None for p in model.backbone.model.parameters())
+
+
+def test_all_configs_build_with_right_channels_and_no_decay():
+    from mmengine.optim import build_optim_wrapper
+    cfgs = sorted((ROOT / 'configs' / 'det').glob('*_coco.py'))
+    assert len(cfgs) == 2 * sum(1 for _, _, stem in SMALLEST.values() if stem)
+    for path in cfgs:
+        cfg = Config.fromfile(str(path))
+        bb = cfg.model.backbone
+        assert bb.type == 'visionattn.Backbone'
+        assert cfg.optim_wrapper.optimizer.type == 'AdamW' and cfg.optim_wrapper.optimizer.lr == 1e-4
+        assert cfg.optim_wrapper.optimizer.weight_decay == 0.05
+        if bb.model_name not in REGISTERED:
+            continue
+        assert list(cfg.model.neck.in_channels) == backbone_channels(bb.model_name), path.name
+        fam = family_for(bb.model_name)
+        keys = cfg.optim_wrapper.paramwise_cfg.custom_keys
+        assert all(keys[k]['decay_mult'] == 0 for k in fam.no_decay), path.name
+    # no decay on norms and position tables, decay on weights, in a real optimizer
+    cfg = _config(LANDED[0])
+    model = MODELS.build(cfg.model)
+    ow = build_optim_wrapper(model, cfg.optim_wrapper)
+    decay = {id(p): g['weight_decay'] for g in ow.optimizer.param_groups for p in g['params']}
+    for name, p in model.backbone.named_parameters():
+        if '.norm' in name or 'out_norms' in name or any(k in name for k in family_for(cfg.model.backbone.model_name).no_decay):
+            assert decay[id(p)] == 0, name
+    nd = [n for n, p in model.backbone.named_parameters() if p.ndim > 1 and decay[id(p)] > 0]
+    assert nd, 'weights must be decayed'
+
+
+def test_shapes_config_and_dataset(tmp_path):
+    cfgs = sorted((ROOT / 'configs' / 'det').glob('*shapes*.py'))
+    assert cfgs, 'the embedded shapes job config is missing'
+    cfg = Config.fromfile(str(cfgs[0]))
+    from make_shapes_dataset import ensure_dataset
+    root = ensure_dataset(str(tmp_path / 'shapes'), num_train=6, num_val=2, size=cfg.shapes_dataset.get('size', 160))
+    from pycocotools.coco import COCO
+    coco = COCO(os.path.join(root, 'annotations', 'train.json'))
+    assert len(coco.getImgIds()) == 6 and coco.getAnnIds() and len(coco.getCatIds()) == 3
+    ann = coco.loadAnns(coco.getAnnIds())[0]
+    assert coco.annToMask(ann).sum() > 0 and len(ann['bbox']) == 4
+    assert cfg.model.backbone.model_name in REGISTERED
+    bb = VisionAttnBackbone(**{k: v for k, v in cfg.model.backbone.items() if k != 'type'})
+    assert list(cfg.model.neck.in_channels) == bb.out_channels
+
+
+def test_det_train_resume_env():
+    out = subprocess.run([sys.executable, '-c', 'import runpy,sys,os; sys.argv=["x","--help"]; '
+                          'import importlib.util as u; s=u.spec_from_file_location("t", "tools/det_train.py"); '
+                          'm=u.module_from_spec(s); s.loader.exec_module(m); print(os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"])'],
+                         cwd=ROOT, capture_output=True, text=True, env={k: v for k, v in os.environ.items()
+                                                                      if k != 'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'})
+    assert out.returncode == 0 and out.stdout.strip() == '1', out.stderr

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Install the detection extra into the project venv (./.venv): mmcv 2.1.0 with compiled ops,
+# mmengine 0.10.7, mmdet 3.3.0 and their dependencies.
+#
+# Why this is a script and not only `pip install .[det]`:
+# * mmcv publishes no wheels on PyPI and its 2.1.0 sdist does not build against torch 2.14 as is
+#   (it forces -std=c++17; torch 2.14's headers need C++20). tools/build_mmcv.sh builds it once with
+#   the flag changed and caches the wheel (~/.cache/visionattn/wheels, or $VISIONATTN_WHEEL_CACHE);
+#   this script installs that wheel.
+# * mmengine's metadata requires `opencv-python`, which would sit beside the project's
+#   `opencv-python-headless` (same cv2 package, two owners): mmengine is installed with --no-deps and
+#   its real dependencies explicitly.
+# * mmengine resolves `mmdet::` config paths with pkg_resources, which setuptools >= 81 removed, and
+#   torch 2.14 needs setuptools >= 77.0.3: setuptools is pinned to [77.0.3, 81).
+# Idempotent: when nothing changed it only checks a stamp and imports mmcv.ops (a few seconds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VISIONATTN_VENV:-.venv}
+PY="$VENV/bin/python"
+stamp="$VENV/.visionattn-det-setup"
+want=$(cat tools/setup_det.sh tools/build_mmcv.sh | sha256sum | cut -d' ' -f1)
+
+check() {
+  "$PY" - <<'EOF'
+import mmcv, mmengine, mmdet
+from mmcv.ops import nms  # noqa: F401  (the compiled _ext)
+assert (mmcv.__version__, mmengine.__version__, mmdet.__version__) == ('2.1.0', '0.10.7', '3.3.0'), \
+    (mmcv.__version__, mmengine.__version__, mmdet.__version__)
+EOF
+}
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && check 2>/dev/null; then
+  exit 0
+fi
+[ -x "$PY" ] || bash tools/setup.sh
+start=$(date +%s)
+whl=$(bash tools/build_mmcv.sh | tail -n 1)
+[ -f "$whl" ] || { echo "setup_det: tools/build_mmcv.sh produced no wheel ($whl)" >&2; exit 1; }
+pip=("$PY" -m pip install -q)
+"${pip[@]}" 'setuptools>=77.0.3,<81' addict rich termcolor yapf packaging Pillow pyyaml numpy \
+  opencv-python-headless matplotlib pycocotools shapely terminaltables scipy six tqdm
+# mmcv-lite (no ops) and mmcv share the `mmcv` package directory: never keep both
+"$PY" -m pip uninstall -y -q mmcv-lite 2>/dev/null || true
+"${pip[@]}" --no-deps "$whl" mmengine==0.10.7 mmdet==3.3.0
+if ! check 2>/dev/null; then  # e.g. an mmcv 2.1.0 without ops was installed before
+  "${pip[@]}" --no-deps --force-reinstall "$whl"
+fi
+check
+echo "$want" > "$stamp"
+echo "setup_det: mmcv 2.1.0 (ops) + mmengine 0.10.7 + mmdet 3.3.0 ready in $VENV ($(( $(date +%s) - start )) s)" >&2
