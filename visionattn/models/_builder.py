@@ -314,9 +314,10 @@ def check_state_dict(
 ) -> Dict[str, torch.Tensor]:
     """Raise a clear error when ``state_dict`` does not cover ``model`` exactly.
 
-    Classifier weights may differ in shape (timm replaces a mismatched classifier) and keys in
-    ``ignore_shape`` may differ in shape (resized by the caller); every other key must exist on both
-    sides with equal shapes. This keeps loading strict even where timm relaxes ``strict`` for a
+    Classifier weights may differ in shape (timm replaces a mismatched classifier), the first conv
+    may differ in input channels (timm adapts it to ``in_chans``) and keys in ``ignore_shape`` may
+    differ in shape (resized by the caller); every other key must exist on both sides with equal
+    shapes. This keeps loading strict even where timm relaxes ``strict`` for a
     new class count.
     """
     model_sd = model.state_dict()
@@ -328,10 +329,19 @@ def check_state_dict(
 
     missing = [k for k in model_sd if k not in state_dict and not is_classifier(k)]
     unexpected = [k for k in state_dict if k not in model_sd and not is_classifier(k)]
+    # timm adapts the first conv to ``in_chans`` after the filter, so only its input channels may differ.
+    first_conv = getattr(model, 'pretrained_cfg', {}).get('first_conv', '') + '.weight'
+
+    def shapes_ok(key, shape):
+        want = model_sd[key].shape
+        if key == first_conv and len(shape) == len(want):
+            return shape[0] == want[0] and shape[2:] == want[2:]
+        return shape == want
+
     mismatched = [
         f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(model_sd[k].shape)}'
         for k, v in state_dict.items()
-        if k in model_sd and v.shape != model_sd[k].shape and not is_classifier(k) and k not in ignore_shape]
+        if k in model_sd and not shapes_ok(k, v.shape) and not is_classifier(k) and k not in ignore_shape]
     if missing or unexpected or mismatched:
         def show(keys):
             return ', '.join(keys[:8]) + (f' ... (+{len(keys) - 8} more)' if len(keys) > 8 else '')
