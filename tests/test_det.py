@@ -38,8 +38,19 @@ from visionattn.det.convert import detection_model_kwargs  # noqa: E402
 from visionattn.det.families import DET_FAMILIES, family_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'tools'))
-import export as export_tool  # noqa: E402
+
+
+def _tool(name):
+    """Import tools/<name>.py under a private module name (tools/ is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f'_visionattn_tool_{name}', ROOT / 'tools' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+export_tool = _tool('export')
+make_shapes = _tool('make_shapes_dataset')
 
 from layouts import LAYOUTS, load_layout, random_state_dict, wrap  # noqa: E402
 
@@ -265,6 +276,21 @@ def test_official_checkpoint_through_family_filter(family, tmp_path):
         bad.init_weights()
 
 
+def test_detector_checkpoint_loads_backbone_and_out_norms(tmp_path):
+    model_name = SMALLEST[LANDED[0]][0]
+    src = VisionAttnBackbone(model_name)
+    with torch.no_grad():
+        for p in src.out_norms.parameters():
+            p.add_(torch.randn_like(p))
+    det = {'meta': {}, 'state_dict': {**{'backbone.' + k: v for k, v in src.state_dict().items()},
+                                      'neck.lateral_convs.0.conv.weight': torch.zeros(1)}}
+    torch.save(det, tmp_path / 'epoch_12.pth')
+    dst = VisionAttnBackbone(model_name, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'epoch_12.pth')))
+    dst.init_weights()
+    for k, v in dst.state_dict().items():
+        torch.testing.assert_close(v, src.state_dict()[k], rtol=0, atol=0, msg=k)
+
+
 def test_export_errors(tmp_path, capsys):
     model_name = SMALLEST[LANDED[0]][0]
     ckpt = tmp_path / 'c.pth'
@@ -392,8 +418,7 @@ def test_shapes_config_and_dataset(tmp_path):
     cfgs = sorted((ROOT / 'configs' / 'det').glob('*shapes*.py'))
     assert cfgs, 'the embedded shapes job config is missing'
     cfg = Config.fromfile(str(cfgs[0]))
-    from make_shapes_dataset import ensure_dataset
-    root = ensure_dataset(str(tmp_path / 'shapes'), num_train=6, num_val=2, size=cfg.shapes_dataset.get('size', 160))
+    root = make_shapes.ensure_dataset(str(tmp_path / 'shapes'), num_train=6, num_val=2, size=cfg.shapes_dataset.get('size', 160))
     from pycocotools.coco import COCO
     coco = COCO(os.path.join(root, 'annotations', 'train.json'))
     assert len(coco.getImgIds()) == 6 and coco.getAnnIds() and len(coco.getCatIds()) == 3

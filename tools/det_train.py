@@ -123,6 +123,8 @@ def main(argv=None) -> int:
     train_s = time.time() - state.get('t_train', start)
     if runner.iter < runner.train_loop.max_iters:  # stopped by the time budget: keep a resumable checkpoint
         runner.save_checkpoint(cfg.work_dir, f'iter_{runner.iter}.pth')
+        with open(os.path.join(cfg.work_dir, 'last_checkpoint'), 'w') as f:  # what --resume picks up
+            f.write(os.path.join(cfg.work_dir, f'iter_{runner.iter}.pth'))
     if state.get('val_iter') != runner.iter and runner.val_loop is not None:
         runner.val_loop.run()
     wall = time.time() - start
