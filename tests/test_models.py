@@ -22,6 +22,11 @@ HIER_INPUT = 64  # small square input for hierarchical models (stride 32 -> 2x2 
 JIT_EXCLUDE = {}
 # Models that torch.fx cannot trace, and why.
 FX_EXCLUDE = {}
+# NAT / DiNAT / DiNAT_s / NAT-iso / DiNAT-iso: the neighbourhood-attention operator chooses its backend in
+# Python (context variable, environment variable, cached index tables), which TorchScript cannot compile.
+JIT_EXCLUDE.update({
+    m: 'neighbourhood-attention backend dispatch is Python-only (visionattn.layers.neighborhood_attention)'
+    for m in MODELS if m.startswith(('visionattn_nat_', 'visionattn_dinat_'))})
 
 
 def _num_params(name):
