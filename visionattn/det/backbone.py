@@ -92,7 +92,8 @@ class VisionAttnBackbone(BaseModule):
         self.family = family_for(model_name)
         self.model_name = model_name
         kwargs = detection_model_kwargs(model_name, model_kwargs, self.family)
-        self._arch_kwargs = {k: v for k, v in kwargs.items()}
+        # architecture kwargs, for building the meta reference model when loading checkpoints
+        self._arch_kwargs = {k: v for k, v in kwargs.items() if k not in ('device', 'dtype')}
         model = create_classifier(model_name, drop_path_rate=drop_path_rate, **kwargs)
 
         out_indices = tuple(int(i) for i in out_indices)
