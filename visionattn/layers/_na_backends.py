@@ -44,9 +44,17 @@ def group_lengths(length: int, dilation: int) -> torch.Tensor:
 # torch backend: query tiles against their key halo, dense matmuls, O(N·(T+k-1)²) memory.
 # --------------------------------------------------------------------------------------------
 
-# query tile side (per axis, capped at the group length); on CPU, k = 7: T = 4..8 are within
-# noise of each other, T ≥ 12 is slower (more masked keys per query)
+# query tile side (per axis); on CPU, k = 7: T = 4..8 are within noise of each other, T ≥ 12
+# is slower (more masked keys per query)
 TORCH_TILE = 8
+
+
+def _tile(length: int, kernel: int, dilation: int) -> int:
+    """Query tile side on one axis: the whole group when it is ≤ TORCH_TILE + k - 1 (a tile's
+    halo would span it anyway, so one tile is masked full attention with no padded queries),
+    else TORCH_TILE."""
+    group = _ceil_div(length, dilation)
+    return group if group <= TORCH_TILE + kernel - 1 else TORCH_TILE
 
 
 @functools.lru_cache(maxsize=64)
@@ -113,17 +121,17 @@ def _torch_plan(size: Pair, kernel: Pair, dilation: Pair, tile: Pair, device: to
 def na2d_torch(q, k, v, kernel: Pair, dilation: Pair, rpb: Optional[torch.Tensor], scale: float):
     """Pure-PyTorch neighbourhood attention (any device, autograd for q, k, v and rpb).
 
-    Queries are cut, per dilation group, into T×T tiles; each tile attends densely to its
-    (T+k-1)² key halo through one fused ``scaled_dot_product_attention`` whose additive mask
+    Queries are cut, per dilation group, into T×T tiles (T per axis from :func:`_tile`); each
+    tile attends densely to its (T+k-1)² key halo through one fused ``scaled_dot_product_attention`` whose additive mask
     holds the RPB and -inf outside each query's window. Time and memory O(N·(T+k-1)²)."""
     B, H, W, nh, D = q.shape
-    tile = tuple(min(TORCH_TILE, _ceil_div(n, d)) for n, d in zip((H, W), dilation))
+    tile = tuple(_tile(n, kk, d) for n, kk, d in zip((H, W), kernel, dilation))
     q_idx, k_idx, out_idx, bias_idx = _torch_plan((H, W), kernel, dilation, tile, q.device)
     G, LQ, LK = bias_idx.shape
 
-    def gather(x, idx, n):  # [B, H, W, heads, D] -> [B, heads·G, n, D]
-        x = x.reshape(B, H * W, nh, D).transpose(1, 2).index_select(2, idx)
-        return x.view(B, nh * G, n, D)
+    def gather(x, idx, n):  # [B, H, W, heads, D] -> [B, heads·G, n, D], token rows gathered
+        x = x.reshape(B, H * W, nh * D).index_select(1, idx).reshape(B, G, n, nh, D)
+        return x.permute(0, 3, 1, 2, 4).reshape(B, nh * G, n, D)
 
     if rpb is None:
         table = q.new_zeros(nh, (2 * kernel[0] - 1) * (2 * kernel[1] - 1))
@@ -135,8 +143,8 @@ def na2d_torch(q, k, v, kernel: Pair, dilation: Pair, rpb: Optional[torch.Tensor
         bias = bias.expand(B, -1, -1, -1).contiguous()
     out = F.scaled_dot_product_attention(gather(q, q_idx, LQ), gather(k, k_idx, LK),
                                          gather(v, k_idx, LK), attn_mask=bias, scale=scale)
-    out = out.reshape(B, nh, G * LQ, D).index_select(2, out_idx)
-    return out.transpose(1, 2).reshape(B, H, W, nh, D)
+    out = out.reshape(B, nh, G * LQ, D).transpose(1, 2).index_select(1, out_idx)
+    return out.reshape(B, H, W, nh, D)
 
 
 # --------------------------------------------------------------------------------------------
