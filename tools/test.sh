@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
+bash tools/setup_det.sh   # mmcv (cached wheel; built once), mmengine, mmdet for tests/test_det.py
 # OpenMP threads that spin while waiting starve each other on a loaded 2-core machine.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 exec .venv/bin/python -m pytest -q "$@"
