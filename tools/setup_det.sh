@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 VENV=${VISIONATTN_VENV:-.venv}
 PY="$VENV/bin/python"
 stamp="$VENV/.visionattn-det-setup"
-want=$(cat tools/setup_det.sh tools/build_mmcv.sh | sha256sum | cut -d' ' -f1)
+want=$(cat setup.cfg tools/setup_det.sh tools/build_mmcv.sh | sha256sum | cut -d' ' -f1)
 
 check() {
   "$PY" - <<'EOF'
@@ -37,8 +37,7 @@ start=$(date +%s)
 whl=$(bash tools/build_mmcv.sh | tail -n 1)
 [ -f "$whl" ] || { echo "setup_det: tools/build_mmcv.sh produced no wheel ($whl)" >&2; exit 1; }
 pip=("$PY" -m pip install -q)
-"${pip[@]}" 'setuptools>=77.0.3,<81' addict rich termcolor yapf packaging Pillow pyyaml numpy \
-  opencv-python-headless matplotlib pycocotools shapely terminaltables scipy six tqdm
+"${pip[@]}" -e '.[det]'   # mmdet's dependencies, declared in setup.cfg
 # mmcv-lite (no ops) and mmcv share the `mmcv` package directory: never keep both
 "$PY" -m pip uninstall -y -q mmcv-lite 2>/dev/null || true
 "${pip[@]}" --no-deps "$whl" mmengine==0.10.7 mmdet==3.3.0
