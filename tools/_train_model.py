@@ -1,0 +1,117 @@
+"""Model creation (unknown-name and pretrained-fit checks) and the evaluation loop of train.py and validate.py."""
+import contextlib
+import difflib
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, so `import visionattn` works uninstalled
+import timm  # noqa: E402
+import visionattn  # noqa: E402,F401  (registers the visionattn_* models in timm)
+from timm.utils import AverageMeter, accuracy, reduce_tensor  # noqa: E402
+
+from _train_data import UserInputError  # noqa: E402
+
+_logger = logging.getLogger('train')
+
+
+def check_model_name(name):
+    """Raise a clear error (with close matches) for a name neither timm nor visionattn registers."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models('visionattn_*'))"
+        raise UserInputError(f"unknown model '{name}'{hint}")
+
+
+@contextlib.contextmanager
+def _capture_timm_load_log():
+    """Collect the messages timm's weight loader logs (missing/unexpected keys)."""
+    logger = logging.getLogger('timm.models._builder')
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: records.append(record.getMessage())
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def create_model(name, num_classes, pretrained_path=None, **kwargs):
+    """timm.create_model; with ``pretrained_path`` the file goes through the model's own checkpoint filter and the
+    classifier is re-initialised for ``num_classes``. Weights that leave any non-classifier tensor unloaded are an
+    error (e.g. a checkpoint of another architecture)."""
+    check_model_name(name)
+    if not pretrained_path:
+        return timm.create_model(name, num_classes=num_classes, **kwargs)
+    if not os.path.isfile(pretrained_path):
+        raise UserInputError(f"--pretrained-path {pretrained_path}: no such file")
+    with _capture_timm_load_log() as messages:
+        try:
+            model = timm.create_model(name, pretrained=True, num_classes=num_classes,
+                                      pretrained_cfg_overlay=dict(file=pretrained_path, num_classes=-1), **kwargs)
+        except RuntimeError as e:
+            raise UserInputError(f"pretrained weights {pretrained_path} do not fit model {name}: "
+                                 f"{' '.join(str(e).split())[:400]}") from None
+    classifier = model.pretrained_cfg.get('classifier') or ()
+    classifiers = [classifier] if isinstance(classifier, str) else classifier
+    heads = {f'{c}.{p}' for c in classifiers for p in ('weight', 'bias')}
+    missing = [k for m in messages for group in re.findall(r'Missing keys \((.*?)\) discovered', m)
+               for k in group.split(', ') if k not in heads]
+    if missing:
+        raise UserInputError(f"pretrained weights {pretrained_path} do not fit model {name}: {len(missing)} tensor(s) "
+                             f"missing from the file, e.g. {missing[:5]} (checkpoint of another architecture?)")
+    return model
+
+
+def load_model_state(model, state_dict, source, arch):
+    """load_state_dict(strict) with a clear error naming the checkpoint and its architecture."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        detail = ' '.join(str(e).split())[:400]
+        raise UserInputError(f"checkpoint {source} (model {arch}) does not fit this model: {detail}") from None
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast, channels_last=False, distributed=False, collect=False):
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over the loader, summed over all ranks.
+
+    With ``collect`` also returns this rank's predictions and targets (for a confusion matrix).
+    """
+    model.eval()
+    loss_m, top1_m, top5_m = AverageMeter(), AverageMeter(), AverageMeter()
+    predictions, targets = [], []
+    for images, target in loader:
+        images, target = images.to(device), target.to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            output = model(images)
+        output = output.float()
+        acc1, acc5 = accuracy(output, target, topk=(1, min(5, output.shape[1])))
+        n = images.shape[0]
+        loss_m.update(F.cross_entropy(output, target).item(), n)
+        top1_m.update(acc1.item(), n)
+        top5_m.update(acc5.item(), n)
+        if collect:
+            predictions.append(output.argmax(1).cpu())
+            targets.append(target.cpu())
+    sums = torch.tensor([loss_m.sum, top1_m.sum, top5_m.sum, loss_m.count], dtype=torch.float64)
+    if distributed:
+        sums = reduce_tensor(sums, 1)
+    count = max(sums[3].item(), 1)
+    metrics = {'loss': sums[0].item() / count, 'top1': sums[1].item() / count, 'top5': sums[2].item() / count,
+               'count': int(sums[3].item())}
+    if collect:
+        return metrics, torch.cat(predictions) if predictions else torch.empty(0), \
+            torch.cat(targets) if targets else torch.empty(0)
+    return metrics
