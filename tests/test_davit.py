@@ -149,15 +149,16 @@ def test_matches_timm_tiny():
         assert diff <= 1e-5, f'davit_tiny at {size}: max |dlogit| {diff:.2e}'
 
 
-@pytest.mark.parametrize('fold', [True, False], ids=['folded', 'literal'])
+@pytest.mark.parametrize('fold', [False, True], ids=['literal', 'folded'])
 def test_matches_timm_tiny_window12(fold):
     """The official large model's window (12) at a size that needs padding in every stage, with both
-    channel-attention evaluations (stage 1 has 825 tokens >= 96 channels, so it folds by default)."""
+    channel-attention evaluations (stage 1 has 825 tokens >= 96 channels, so it folds when asked)."""
     ours, ref = _timm_pair('visionattn_davit_tiny', 'davit_tiny', window_size=12)
-    if not fold:
-        literal = timm.create_model('visionattn_davit_tiny', device='meta', window_size=12, channel_attn_fold=False)
-        literal.load_state_dict(ours.state_dict(), strict=True, assign=True)
-        ours = literal.eval()
+    if fold:
+        folded = timm.create_model('visionattn_davit_tiny', device='meta', window_size=12, channel_attn_fold=True)
+        folded.load_state_dict(ours.state_dict(), strict=True, assign=True)
+        ours = folded.eval()
+        assert ours.stages[0].blocks[0][1].attn.fold
     assert ours.stages[0].blocks[0][0].attn.window_size == 12
     diff = _max_diff(ours, ref, torch.randn(1, 3, 100, 130))
     assert diff <= 1e-5, f'davit_tiny window 12 ({"folded" if fold else "literal"}): max |dlogit| {diff:.2e}'
@@ -173,12 +174,14 @@ def test_matches_timm_small_base(variant):
     assert diff <= 1e-5, f'{name}: max |dlogit| {diff:.2e}'
 
 
-def test_gradients_and_grad_mode_match_timm():
-    """Training path (plain ops, no fusion) and the folded channel attention's backward equal timm's;
-    the fused inference path (oneDNN linears) agrees with the training path to fp32 round-off."""
-    ours, ref = _timm_pair('visionattn_davit_tiny', 'davit_tiny')
-    ours.load_state_dict({k: v.clone() for k, v in ours.state_dict().items()})  # unshare storage with ref
-    x = torch.randn(2, 3, 64, 64)  # stage 1: 256 tokens >= 96 channels (folded); later stages literal
+@pytest.mark.parametrize('fold', [False, True], ids=['literal', 'folded'])
+def test_gradients_and_grad_mode_match_timm(fold):
+    """Training path (plain ops, no fusion) and its backward, literal or folded, equal timm's; the
+    fused inference path (oneDNN linears) agrees with the training path to fp32 round-off."""
+    ref = _fill_random_(timm.create_model('davit_tiny', device='meta'))
+    ours = timm.create_model('visionattn_davit_tiny', channel_attn_fold=fold).eval()
+    ours.load_state_dict(checkpoint_filter_fn(ref.state_dict(), ours), strict=True)
+    x = torch.randn(2, 3, 64, 64)  # stage 1: 256 tokens >= 96 channels (folded if asked); later stages literal
     out = ours(x)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), out, rtol=0, atol=1e-5)  # inference path == training path
@@ -208,7 +211,8 @@ def _official_channel_attention(x, qkv_w, qkv_b, proj_w, proj_b, heads):
 @pytest.mark.parametrize('fold', [True, False])
 @pytest.mark.parametrize('hw', [(12, 10), (3, 5)], ids=['tokens>=channels', 'tokens<channels'])
 def test_channel_attention_role_order(hw, fold, qkv_bias):
-    """Equals the official formula (q as values, k scaled by head_dim^-0.5), to fp32 round-off.
+    """Equals the official formula (q as values, k scaled by head_dim^-0.5), to fp32 round-off,
+    in both evaluations (the folded one only applies where tokens >= channels).
 
     Weights of std 0.3 give peaky channel softmaxes; the reference is the official formula in fp64,
     and the tolerance is the order of the official fp32 code's own error against it.

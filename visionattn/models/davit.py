@@ -10,9 +10,11 @@ Head: global average pool -> LayerNorm -> Linear.
 
 Blocks run channels-last (NHWC) end to end inside a stage, so there are no NCHW <-> token
 transposes per block. Speed without changing the function: the CPE residual is folded into its
-depthwise kernel; channel attention is evaluated in a folded (Gram-matrix) form where tokens
-outnumber channels; at CPU fp32 inference every block Linear runs through oneDNN with its bias, GELU and
-the block's residual add fused (``visionattn.layers.fused_linear``). The state_dict layout is timm's (``stem.conv``, ``stages.N.downsample``,
+depthwise kernel, and at CPU fp32 inference every block Linear runs through oneDNN with its bias,
+GELU and the block's residual add fused (``visionattn.layers.fused_linear``). Channel attention can
+optionally be evaluated in a folded (Gram-matrix) form (``channel_attn_fold=True``).
+
+The state_dict layout is timm's (``stem.conv``, ``stages.N.downsample``,
 ``stages.N.blocks.J.{0,1}.{cpe1,cpe2,...}``, ``head.norm``/``head.fc``); ``checkpoint_filter_fn``
 also loads the official layout (``patch_embeds``/``main_blocks``/``norms``/``head``).
 """
@@ -200,7 +202,7 @@ class SpatialBlock(_DualHalfBlock):
 class ChannelBlock(_DualHalfBlock):
     """DaViT channel block: channel-group attention (official role order, see ChannelAttention)."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, fold: bool = True,
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, fold: bool = False,
                  device=None, dtype=None, **kwargs):
         attn = ChannelAttention(dim, num_heads, qkv_bias=qkv_bias, fold=fold, device=device, dtype=dtype)
         super().__init__(attn, dim, device=device, dtype=dtype, **kwargs)
@@ -225,8 +227,9 @@ class DaViT(HierarchicalBackbone):
         drop_path_rate: stochastic depth at the last block; rates rise linearly over all
             ``2 * sum(depths)`` spatial and channel blocks, as in the official code.
         channel_attn_fold: evaluate channel attention in its folded (Gram-matrix) form where the
-            tokens outnumber the channels -- the same function with less work; ``False`` keeps the
-            literal q/k/v form everywhere.
+            tokens outnumber the channels -- the same function with fewer FLOPs, but 2-4x the fp32
+            round-off of the literal q/k/v form, and only ~3% faster at 224 once the linears are
+            fused; off by default.
     """
 
     def __init__(
@@ -244,7 +247,7 @@ class DaViT(HierarchicalBackbone):
             act_layer: Union[str, Callable] = 'gelu',
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
-            channel_attn_fold: bool = True,
+            channel_attn_fold: bool = False,
             device=None,
             dtype=None,
     ):
@@ -430,24 +433,25 @@ FAMILY_CARD = dict(
         "`state_dict`/`model`, with or without `module.` prefixes; with internet, `pretrained=True` alone "
         "fetches `timm/davit_tiny.msft_in1k`."),
     differences=[
-        'Outputs equal timm `davit_*` and the official code with the same weights (max |Δlogit| ≤ 1e-5 fp32, '
-        '224² and 250×310; measured ~1e-6).',
+        'Outputs equal timm `davit_*` (and so the official code) with the same weights: max |Δlogit| ~1e-6 with '
+        "timm's init and ≤ 7e-6 with heavier random weights (T/S/B/H at 224² and 250×310, L at 384²), the "
+        "same size as timm's own fp32 error against an fp64 reference.",
         '`visionattn_davit_large` follows the official `DaViT_large_window12_384` (window 12, 384² default input, '
         'crop_pct 1.0); timm `davit_large` uses window 7 at 224². No parameter depends on the window, so weights '
         'are interchangeable, but outputs differ between the two windows.',
         'Stochastic depth follows the official code: rates rise linearly over all 2·Σdepths spatial and channel '
         'blocks (timm uses one rate per spatial+channel pair). Training only; eval outputs are unaffected. '
         'Default `drop_path_rate` is 0 (timm default; the official constructor defaults to 0.1).',
-        'Channel attention keeps the official role order (q acts as the values, k scaled by head_dim^-0.5). Where '
-        'a map has at least as many tokens as channels (stages 1-2 at 224²) it is evaluated in an exactly '
-        'equivalent folded form (Gram matrix of the tokens, q/k/v never materialised): ~2.5x less work there, '
-        'agreement to fp32 round-off; `channel_attn_fold=False` keeps the literal form. The GMACs measured on '
-        'this implementation are therefore lower than the official 4.5/8.8/15.5 G.',
+        'Channel attention keeps the official role order (q acts as the values, k scaled by head_dim^-0.5). '
+        '`channel_attn_fold=True` evaluates it, where a map has at least as many tokens as channels, in an '
+        'exactly equivalent folded form (Gram matrix of the tokens, q/k/v never materialised): ~2.5x fewer '
+        'FLOPs in stages 1-2 at 224², but 2-4x the fp32 round-off and only ~3% faster end to end, so it is off '
+        'by default.',
         'Inputs smaller than 32×32 are refused with a ValueError (the official code pads any size; below the '
         'total stride the last map is a padded 1×1).',
         'Blocks run channels-last (NHWC) inside each stage and the CPE residual is folded into its depthwise '
-        'kernel. At CPU fp32 inference every block Linear runs as one oneDNN call with its bias, GELU and residual add '
-        'fused (`visionattn.layers.fused_linear`; set VISIONATTN_ONEDNN_LINEAR=0 to disable): same fp32 '
+        'kernel. At CPU fp32 inference every block Linear runs as one oneDNN call with its bias, GELU and '
+        'residual add fused (`visionattn.layers.fused_linear`; set VISIONATTN_ONEDNN_LINEAR=0 to disable): same fp32 '
         'function, different accumulation order (~1e-6). Training, CUDA, TorchScript and torch.compile use the '
         'plain ops.',
         '`huge`/`giant` are timm-only configurations (no official code or weights); the Florence-2 towers '
