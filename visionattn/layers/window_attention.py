@@ -2,6 +2,7 @@
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models._features_fx import register_notrace_module
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -14,6 +15,8 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return x
 
 
+# A leaf for torch.fx feature extraction: the padding branches on the (symbolic) map size.
+@register_notrace_module
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside non-overlapping ``window_size``^2 windows.
 

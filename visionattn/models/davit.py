@@ -37,10 +37,6 @@ from visionattn.layers.window_attention import WindowAttention, pad_to_multiple
 from ._builder import (
     HierarchicalBackbone, Stage, build_visionattn_model, check_state_dict, remap_keys, unwrap_state_dict)
 
-# FX feature extraction treats window attention as a leaf: its forward pads on the (symbolic) map
-# size. (WindowAttention is shared with Twins; registering it again is harmless.)
-register_notrace_module(WindowAttention)
-
 __all__ = ['DaViT', 'SpatialBlock', 'ChannelBlock', 'checkpoint_filter_fn', 'FAMILY_CARD']
 
 

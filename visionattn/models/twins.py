@@ -27,17 +27,12 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features_fx import register_notrace_module
 
 from ..layers.conv_pos_enc import ConvPosEnc
 from ..layers.spatial_reduction_attention import SpatialReductionAttention
 from ..layers.window_attention import WindowAttention
 from ._builder import (
     HierarchicalBackbone, Stage, build_visionattn_model, check_state_dict, remap_keys, unwrap_state_dict)
-
-# LSA pads to the window only when needed (a shape-dependent branch that torch.fx cannot trace):
-# keep it a leaf for timm's FX feature extractor, as timm does for its own Twins LSA.
-register_notrace_module(WindowAttention)
 
 __all__ = ['Twins', 'TwinsBlock', 'TwinsMlp', 'TwinsPatchEmbed', 'checkpoint_filter_fn', 'FAMILY_CARD']
 
