@@ -1,4 +1,4 @@
-"""Helpers that turn the official layout files in ``../shared/specs/layouts`` into checkpoints.
+"""Helpers that turn the official layout files in ``tests/fixtures/official_layouts`` into checkpoints.
 
 A layout file lists every ``[key, shape, dtype]`` of an official state dict; these helpers write
 files of random tensors with exactly those keys and shapes, in the official containers.
@@ -9,15 +9,17 @@ from pathlib import Path
 
 import torch
 
-SPECS = Path(os.environ.get('VISIONATTN_SPECS', Path(__file__).resolve().parents[2] / 'shared' / 'specs'))
-LAYOUTS = SPECS / 'layouts'
-NAME_MAP = json.loads((LAYOUTS / 'name_map.json').read_text()) if (LAYOUTS / 'name_map.json').exists() else {}
+# The layouts ship with the tests (see fixtures/official_layouts/README.md); VISIONATTN_SPECS=DIR (a specs folder
+# holding layouts/) is an optional override.
+LAYOUTS = (Path(os.environ['VISIONATTN_SPECS']) / 'layouts' if os.environ.get('VISIONATTN_SPECS')
+           else Path(__file__).resolve().parent / 'fixtures' / 'official_layouts')
+NAME_MAP = json.loads((LAYOUTS / 'name_map.json').read_text())
 
 
 def load_layout(family: str, variant: str, timm_layout: bool = False) -> dict:
     path = LAYOUTS / family / f'{variant}{".timm" if timm_layout else ""}.json'
     if not path.exists():
-        raise FileNotFoundError(f'layout file {path} not found (set VISIONATTN_SPECS to the specs folder)')
+        raise FileNotFoundError(f'layout file {path} not found')
     return json.loads(path.read_text())
 
 

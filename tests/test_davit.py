@@ -1,7 +1,7 @@
 """DaViT: official fidelity, checkpoint loading, timm parity and the subtle points.
 
 Spec: ../shared/specs/flatten_agent_convit_davit_twins.md section 5; layouts in
-../shared/specs/layouts/davit. The generic API matrix lives in test_models.py.
+tests/fixtures/official_layouts/davit. The generic API matrix lives in test_models.py.
 """
 import math
 

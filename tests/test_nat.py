@@ -1,6 +1,6 @@
 """NAT / DiNAT / DiNAT_s / isotropic NAT, DiNAT, ViT-rpb: fidelity to the official code.
 
-Spec: ``../shared/specs/biformer_nat_ppma.md`` §2 (layouts in ``layouts/nat``). Big variants are
+Spec: ``../shared/specs/biformer_nat_ppma.md`` §2 (layouts in ``tests/fixtures/official_layouts/nat``). Big variants are
 checked on the meta device (parameter counts, checkpoint mapping) or on reduced-depth copies with
 the variant's own widths, heads, kernel and dilations (backend equality), to stay fast on two CPU
 cores.

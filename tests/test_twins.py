@@ -1,7 +1,7 @@
 """Twins (PCPVT / SVT): official fidelity, checkpoint loading, timm parity and the subtle points.
 
 Spec: ../shared/specs/flatten_agent_convit_davit_twins.md section 6; layouts in
-../shared/specs/layouts/twins. The generic API matrix lives in test_models.py.
+tests/fixtures/official_layouts/twins. The generic API matrix lives in test_models.py.
 """
 import math
 
