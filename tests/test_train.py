@@ -16,13 +16,13 @@ import pytest
 import torch
 import yaml
 
+from visionattn.train import trainer as train
+from visionattn.train.data import ensure_digits_folder
+from visionattn.train.errors import UserInputError
+from visionattn.train.model import create_model
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / 'tools'
-sys.path.insert(0, str(TOOLS))
-
-import train  # noqa: E402
-from _train_data import UserInputError, ensure_digits_folder  # noqa: E402
-from _train_model import create_model  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 MODEL = ['--model', 'test_efficientnet', '--img-size', '16', '--batch-size', '64', '--workers', '0', '--seed', '1']
@@ -174,7 +174,7 @@ def test_bad_input_errors(bad_data, digits, argv, message):
 
 
 def test_csv_datasets(digits, tmp_path):
-    from _train_data import build_datasets
+    from visionattn.train.data import build_datasets
     for split in ('train', 'val'):
         rows = [f'{p.relative_to(digits)},digit{p.parent.name}\n' for p in sorted(Path(digits, split).glob('[0-4]/*'))]
         (Path(digits) / f'{split}.csv').write_text('path,label\n' + ''.join(rows))

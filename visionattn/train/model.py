@@ -1,21 +1,17 @@
-"""Model creation (unknown-name and pretrained-fit checks) and the evaluation loop of train.py and validate.py."""
+"""Model creation (unknown-name and pretrained-fit checks) and the evaluation loop of training and validation."""
 import contextlib
 import difflib
 import logging
 import os
 import re
-import sys
-from pathlib import Path
 
+import timm
 import torch
 import torch.nn.functional as F
+from timm.utils import AverageMeter, accuracy, reduce_tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, so `import visionattn` works uninstalled
-import timm  # noqa: E402
-import visionattn  # noqa: E402,F401  (registers the visionattn_* models in timm)
-from timm.utils import AverageMeter, accuracy, reduce_tensor  # noqa: E402
-
-from _train_data import UserInputError  # noqa: E402
+from .. import models  # noqa: F401  (registers the visionattn_* models in timm)
+from .errors import UserInputError
 
 _logger = logging.getLogger('train')
 

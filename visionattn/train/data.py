@@ -1,4 +1,4 @@
-"""Datasets, albumentations transforms and resumable loaders for tools/train.py and tools/validate.py."""
+"""Datasets, albumentations transforms and resumable loaders for training and validation."""
 import csv
 import inspect
 import logging
@@ -18,6 +18,8 @@ from timm.data.readers.reader import Reader
 from timm.data.readers.reader_image_folder import ReaderImageFolder
 from timm.utils.misc import natural_key
 
+from .errors import UserInputError
+
 _logger = logging.getLogger('train')
 
 TRAIN_SPLIT_NAMES = ('train', 'training')
@@ -26,20 +28,8 @@ CV2_INTERPOLATION = {'nearest': cv2.INTER_NEAREST, 'bilinear': cv2.INTER_LINEAR,
                      'area': cv2.INTER_AREA, 'lanczos': cv2.INTER_LANCZOS4}
 
 
-class UserInputError(Exception):
-    """A problem with the user's data, config or checkpoint; the tools print it without a traceback."""
-
-
 class ImageLoadError(UserInputError):
     """An image file that cannot be decoded."""
-
-
-def error_message(error):
-    """The message of a user error, also when it was re-raised from a DataLoader worker."""
-    lines = str(error).strip().splitlines()
-    if len(lines) > 1 and lines[0].startswith('Caught '):
-        return lines[-1].split(': ', 1)[-1]
-    return str(error)
 
 
 # ---------------------------------------------------------------------------------------------------------------

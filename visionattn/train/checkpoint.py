@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from timm.utils import CheckpointSaver
 
-from _train_data import UserInputError
+from .errors import UserInputError
 
 _logger = logging.getLogger('train')
 
@@ -65,7 +65,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
 
 def read_checkpoint(path):
-    """Load a tools/train.py checkpoint with ``weights_only=True``; clear error when unreadable or foreign."""
+    """Load a training checkpoint (tools/train.py) with ``weights_only=True``; clear error when unreadable/foreign."""
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception as e:  # truncated zip, garbage bytes, non-allowlisted pickle, ...
