@@ -2,27 +2,11 @@
 # Backbone: DiNAT-Mini with the official detection dilations [[1,28,1],[1,7,1,14],[1,3,1,5,1,7],[1,3,1,3,1]] (set by visionattn.det).
 # Train: python tools/det_train.py configs/det/retinanet_dinat_mini_fpn_1x_coco.py --pretrained CKPT
 #   (CKPT: a classification checkpoint, an official one, or tools/export.py output). Needs COCO under data/coco/.
-_base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
-custom_imports = dict(imports=['visionattn.det'], allow_failed_imports=False)
+_base_ = ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py', './_base_/visionattn_1x.py']
 
 model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='visionattn.Backbone',
-        model_name='visionattn_dinat_mini',
-        out_indices=(0, 1, 2, 3),
-        frozen_stages=-1,
-        norm_eval=False,
-        with_cp=False,
-        out_norms=True,
-        drop_path_rate=0.2,
-        init_cfg=None),  # dict(type='Pretrained', checkpoint='...')
+    backbone=dict(_base_.visionattn_backbone, model_name='visionattn_dinat_mini', drop_path_rate=0.2),
     neck=dict(in_channels=[64, 128, 256, 512]))
-
-# AdamW as the transformer-backbone detection papers (Swin / PVT / Twins / NAT / DaViT): lr 1e-4, wd 0.05,
-# no decay on normalisation layers and position tables / biases
-optim_wrapper = dict(
-    _delete_=True,
-    type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
-    paramwise_cfg=dict(norm_decay_mult=0., custom_keys={'rpb': dict(decay_mult=0.)}))
+# no decay on the rpb parameters either
+optim_wrapper = dict(_base_.visionattn_optim_wrapper, paramwise_cfg=dict(
+    _base_.visionattn_optim_wrapper.paramwise_cfg, custom_keys={'rpb': _base_.no_decay}))
