@@ -9,6 +9,7 @@ import io
 import pytest
 import timm
 import torch
+from timm.models._manipulate import reinit_non_persistent_buffers
 
 import visionattn
 from official_checks import family_filter, meta_model
@@ -69,6 +70,25 @@ def test_registry():
         timm.create_model('visionattn_not_a_model')
 
 
+def test_create_model_accepts_only_visionattn_names():
+    """visionattn.create_model refuses timm's own models (which timm.create_model would build) and unknown
+    names, naming the argument and value and suggesting the close visionattn names."""
+    assert timm.is_model('davit_tiny')  # a timm model: it must not be returned silently
+    with pytest.raises(ValueError, match=r"model_name='davit_tiny' is not a visionattn model; "
+                                         r"did you mean 'visionattn_davit_tiny'\?"):
+        visionattn.create_model('davit_tiny')
+    with pytest.raises(ValueError, match=r"model_name='visionattn_davit_tinny'.*did you mean .*'visionattn_davit_tiny'"):
+        visionattn.create_model('visionattn_davit_tinny')
+    with pytest.raises(ValueError, match=r"model_name='resnet50'.*expected a name from visionattn\.list_models\(\)"):
+        visionattn.create_model('resnet50')
+    with pytest.raises(ValueError, match=r'model_name=None'):
+        visionattn.create_model(None)
+    with pytest.raises(ValueError, match=r"did you mean 'visionattn_convit_tiny\.fb_in1k'\?"):
+        visionattn.create_model('convit_tiny.fb_in1k')
+    model = visionattn.create_model('visionattn_davit_tiny.msft_in1k', device='meta')  # a pretrained tag is fine
+    assert model.pretrained_cfg['architecture'] == 'visionattn_davit_tiny'
+
+
 @pytest.mark.parametrize('name', SMALL)
 def test_forward_and_grad_checkpointing(name):
     model = _create(name).eval()
@@ -83,9 +103,14 @@ def test_forward_and_grad_checkpointing(name):
 
 
 @pytest.mark.parametrize('name', SMALL)
-def test_backward(name):
-    model = _create(name, num_classes=42).train()
-    out = model(torch.randn(2, 3, *_input_size(name)))
+def test_backward(name, fresh_caches):
+    """Training after an inference-mode forward at the same size (tables cached then must serve autograd)."""
+    model = _create(name, num_classes=42).eval()
+    x = torch.randn(2, 3, *_input_size(name))
+    with torch.inference_mode():
+        model(x)
+    model.train()
+    out = model(x)
     assert out.shape == (2, 42)
     out.mean().backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None]
@@ -117,6 +142,110 @@ def test_default_cfg(name):
     assert out.ndim in (3, 4)  # unpooled map (hierarchical) or tokens (plain)
     if out.ndim == 4:
         assert tuple(out.shape[2:]) == tuple(cfg['pool_size'])
+
+
+def _other_pool(model):
+    """A global_pool the model supports other than its current one."""
+    if hasattr(model, 'cls_token'):  # plain backbone: 'token' needs the class token
+        if model.global_pool == 'token':
+            return 'avg'
+        return 'token' if model.cls_token is not None else ''
+    return 'max'
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_reset_classifier(name):
+    """reset_classifier(n > 0), (0) and with another global_pool, each followed by a forward.
+
+    Small models run real numbers at a small input; big ones run on the meta device. The new heads are
+    created on the model's device and in its dtype (checked on meta in bfloat16 for every model)."""
+    if name in SMALL:
+        model = _create(name).eval()
+        x = torch.randn(2, 3, *_input_size(name))
+    else:
+        model = meta_model(name).eval()
+        x = torch.empty(2, *timm.models.get_pretrained_cfg(name).input_size, device='meta')
+    with torch.no_grad():
+        feat = model.forward_features(x)
+        pre = model.forward_head(feat, pre_logits=True)
+        model.reset_classifier(7)
+        assert model.num_classes == 7 and model.get_classifier().out_features == 7
+        out = model(x)
+        assert out.shape == (2, 7)
+        model.reset_classifier(0)
+        assert model.num_classes == 0
+        out = model(x)
+        assert out.shape == (2, model.head_hidden_size)
+        pool = _other_pool(model)
+        model.reset_classifier(5, pool)
+        assert model.global_pool == pool and model.num_classes == 5
+        out = model(x)
+        # without pooling a plain model classifies every token
+        assert out.shape == ((2, feat.shape[1], 5) if pool == '' else (2, 5))
+        if name in SMALL:
+            assert torch.isfinite(out).all()
+            new_pre = model.forward_head(feat, pre_logits=True)
+            assert new_pre.shape != pre.shape or not torch.allclose(new_pre, pre), 'global_pool had no effect'
+            assert torch.isfinite(new_pre).all()
+
+    model = meta_model(name, dtype=torch.bfloat16)
+    for n, pool in ((7, None), (0, None), (5, _other_pool(model))):
+        model.reset_classifier(n, pool)
+        head = list(model.get_classifier().parameters())
+        assert len(head) == (2 if n else 0)
+        assert all(p.is_meta and p.dtype == torch.bfloat16 for p in head), (n, pool)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_build_under_meta_device_context(name):
+    """``with torch.device('meta')`` builds every model (and its features_only form), as timm's do.
+
+    All tensors are on meta; cfg, feature info and output shapes are there. Small models also match a
+    normal build key for key and, materialised (``to_empty`` + the normal build's weights + timm's
+    ``reinit_non_persistent_buffers``), compute the normal build's outputs."""
+    with torch.device('meta'):
+        model = timm.create_model(name)
+        features = timm.create_model(name, features_only=True)
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert all(t.is_meta for t in tensors + list(features.parameters()) + list(features.buffers()))
+    assert num_params(model) == SIZES[name]
+    cfg = model.pretrained_cfg
+    assert cfg['architecture'] == name and 'input_size' in cfg
+    assert len(model.feature_info) > 0 and features.feature_info.channels()
+    assert features.feature_info.channels() == [model.feature_info[i]['num_chs'] for i in features.feature_info.out_indices]
+    x = torch.empty(1, *cfg['input_size'], device='meta')
+    model.eval()
+    assert model(x).shape == (1, model.num_classes)
+    assert [o.shape[1] for o in features(x)] == features.feature_info.channels()
+    if name not in SMALL:
+        return
+    real = _create(name).eval()
+    assert {k: (v.shape, v.dtype) for k, v in model.state_dict().items()} == {
+        k: (v.shape, v.dtype) for k, v in real.state_dict().items()}
+    model.to_empty(device='cpu')
+    model.load_state_dict(real.state_dict())
+    reinit_non_persistent_buffers(model)
+    x = torch.randn(1, 3, *_input_size(name))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), real(x))
+
+
+@pytest.mark.parametrize('name', SMALL)
+def test_empty_batch(name):
+    """A batch of 0 images gives empty outputs of the batch-1 shapes (logits, features, intermediates)."""
+    model = _create(name).eval()
+    size = _input_size(name)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(torch.randn(1, 3, *size))
+    empty = torch.randn(0, 3, *size)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            out = model(empty)
+            assert out.shape == (0, model.num_classes)
+            assert model.forward_features(empty).shape == (0,) + final.shape[1:]
+            got = model.forward_intermediates(empty, intermediates_only=True)
+            assert [t.shape for t in got] == [(0,) + t.shape[1:] for t in inter]
+    out.sum().backward()  # the empty batch also trains (zero gradients)
 
 
 @pytest.mark.parametrize('name', SMALL)

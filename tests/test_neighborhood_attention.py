@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import visionattn.layers.neighborhood_attention as na_mod
+from visionattn.layers import _na_backends
 from visionattn.layers._na_backends import na2d_flex
 from visionattn.layers.neighborhood_attention import (
     ENV_VAR, NeighborhoodAttention2d, effective_dilation, na_backend, neighborhood_attention_2d)
@@ -139,6 +140,36 @@ def test_torch_backend_grads_match_reference(H, W, kernel, dilation):
                                                       backend="torch"), (q, k, v, rpb), grad_out)
     want = _grads(lambda *a: reference(*a[:3], kernel, dilation, a[3]), (q, k, v, rpb), grad_out)
     _assert_grads_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_tables_cached_in_inference_mode_serve_autograd(fresh_caches, dilation):
+    """An inference-mode call fills the index caches; a training call of the same geometry reuses them,
+    so they must not be inference tensors ("Inference tensors cannot be saved for backward")."""
+    q, k, v, rpb = _inputs(11, 9, 3)
+    with torch.inference_mode():
+        first = neighborhood_attention_2d(q, k, v, 3, dilation, rpb, backend="torch")
+    q, k, v, rpb = (t.clone().requires_grad_() for t in (q, k, v, rpb))
+    out = neighborhood_attention_2d(q, k, v, 3, dilation, rpb, backend="torch")
+    out.sum().backward()
+    assert all(t.grad is not None for t in (q, k, v, rpb))
+    torch.testing.assert_close(out.detach(), first)  # SDPA may take another kernel with autograd
+    # flex (forward only on CPU): the tables it cached in inference mode are normal tensors too
+    with torch.inference_mode():
+        na2d_flex(q, k, v, (3, 3), (dilation, dilation), rpb, 8 ** -0.5, compile=False)
+    geometry = ((11, 9), (3, 3), (dilation, dilation), q.device)
+    tables = _na_backends._flex_tables(*geometry)[:6] + _na_backends.rpb_classes(*geometry) + (
+        _na_backends._group_src(11, dilation, q.device), _na_backends._group_dst(9, dilation, q.device))
+    assert not any(t.is_inference() for t in tables)
+
+
+@pytest.mark.parametrize("backend", ["torch", "flex"])
+def test_empty_batch(backend):
+    q, k, v, rpb = _inputs(9, 11, 5, batch=0)
+    kwargs = dict(compile=False) if backend == "flex" else {}
+    fn = na2d_flex if backend == "flex" else na_mod.na2d_torch
+    out = fn(q, k, v, (5, 5), (1, 2), rpb, 8 ** -0.5, **kwargs)
+    assert out.shape == q.shape
 
 
 def test_small_input_policy():

@@ -25,6 +25,22 @@ import torch.nn.functional as F
 Pair = Tuple[int, int]
 
 
+def _table_cache(maxsize: int):
+    """``functools.lru_cache`` for index-table builders; a miss builds the tables outside inference mode.
+
+    Tables cached during a ``torch.inference_mode()`` call would be inference tensors, which autograd
+    cannot save; built with inference mode off they serve every later call, in any grad mode. Hits
+    cost what ``lru_cache`` costs.
+    """
+    def decorator(fn):
+        @functools.wraps(fn)
+        def build(*args, **kwargs):
+            with torch.inference_mode(False):
+                return fn(*args, **kwargs)
+        return functools.lru_cache(maxsize=maxsize)(build)
+    return decorator
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -57,7 +73,7 @@ def _tile(length: int, kernel: int, dilation: int) -> int:
     return group if group <= TORCH_TILE + kernel - 1 else TORCH_TILE
 
 
-@functools.lru_cache(maxsize=64)
+@_table_cache(64)
 def _axis_plan(length: int, kernel: int, dilation: int, tile: int):
     """Index tables for one axis (CPU tensors).
 
@@ -89,7 +105,7 @@ def _axis_plan(length: int, kernel: int, dilation: int, tile: int):
     return q_src, k_src, slot, valid, rel
 
 
-@functools.lru_cache(maxsize=32)
+@_table_cache(32)
 def _torch_plan(size: Pair, kernel: Pair, dilation: Pair, tile: Pair, device: torch.device):
     """Flat gather indices over the H·W tokens, in tile order [d_r, d_c, nT_r, nT_c, ·, ·]:
     q_idx [G·T_r·T_c], k_idx [G·Hl_r·Hl_c], out_idx [H·W] (where each token's output sits),
@@ -152,7 +168,7 @@ def na2d_torch(q, k, v, kernel: Pair, dilation: Pair, rpb: Optional[torch.Tensor
 # P = ceil(L/d); slot (g, p_r, p_c) is flattened as (g·P_r + p_r)·P_c + p_c.
 # --------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=32)
+@_table_cache(32)
 def rpb_classes(size: Pair, kernel: Pair, dilation: Pair, device: torch.device):
     """RPB of the group layout as kh·kw window-offset classes (contention-free RPB gradients).
 
@@ -202,14 +218,14 @@ def from_groups(y: torch.Tensor, size: Pair, dilation: Pair) -> torch.Tensor:
         2, _group_dst(size[1], dc, y.device))
 
 
-@functools.lru_cache(maxsize=64)
+@_table_cache(64)
 def _group_src(length: int, dilation: int, device: torch.device) -> torch.Tensor:
     p = torch.arange(_ceil_div(length, dilation))
     g = torch.arange(dilation).view(-1, 1)
     return (p * dilation + g).clamp(max=length - 1).reshape(-1).to(device)
 
 
-@functools.lru_cache(maxsize=64)
+@_table_cache(64)
 def _group_dst(length: int, dilation: int, device: torch.device) -> torch.Tensor:
     i = torch.arange(length)
     return ((i % dilation) * _ceil_div(length, dilation) + i // dilation).to(device)
@@ -232,7 +248,7 @@ def _flex_fn(device_type: str, compile: bool):
     return _flex_compiled[device_type]
 
 
-@functools.lru_cache(maxsize=32)
+@_table_cache(32)
 def _flex_tables(size: Pair, kernel: Pair, dilation: Pair, device: torch.device):
     """Per-axis window starts ``[d, P]`` and group lengths ``[d]``, plus the block sparsity
     (kv_num_blocks ``[1, 1, nQB]``, kv_indices ``[1, 1, nQB, nKB]``) of the flattened group
@@ -329,7 +345,7 @@ def na2d_flex(q, k, v, kernel: Pair, dilation: Pair, rpb: Optional[torch.Tensor]
                           RuntimeWarning)
             return na2d_flex(q, k, v, kernel, dilation, rpb, scale, compile=False)
         raise
-    return from_groups(out.view(B, nh, -1, pr, pc, D), (H, W), dilation)
+    return from_groups(out.view(B, nh, dilation[0] * dilation[1], pr, pc, D), (H, W), dilation)
 
 
 # --------------------------------------------------------------------------------------------

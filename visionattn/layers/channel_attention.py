@@ -135,16 +135,18 @@ class ChannelAttention(nn.Module):
         """
         shape = x.shape
         B, C = shape[0], shape[-1]
-        x = x.reshape(B, -1, C)
+        # flatten, not reshape(B, -1, C): the token count of an empty (batch 0) tensor cannot be inferred
+        x = x.flatten(1, -2)
+        N = x.shape[1]
         fuse_residual = shortcut is not None and not (self.training and self.proj_drop.p > 0)
         residual = shortcut.reshape(x.shape) if fuse_residual and shortcut is not None else None
-        if self.fold and x.shape[1] >= C:
+        if self.fold and N >= C:
             out = folded_channel_attention(
                 x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias, self.num_heads, self.scale)
             if residual is not None:
                 out = out.add_(residual)  # baddbmm's backward does not need its output
         else:
-            qkv = fused_linear(x, self.qkv.weight, self.qkv.bias).reshape(B, -1, 3, self.num_heads, self.head_dim)
+            qkv = fused_linear(x, self.qkv.weight, self.qkv.bias).reshape(B, N, 3, self.num_heads, self.head_dim)
             q, k, v = qkv.unbind(2)
             out = channel_attention(q, k, v, self.scale).reshape(x.shape)
             out = fused_linear(out, self.proj.weight, self.proj.bias, residual=residual)

@@ -71,7 +71,8 @@ class SpatialReductionAttention(nn.Module):
             kv_in = norm(kv_in)
         else:
             kv_in = x.reshape(B, H * W, C)
-        kv = self.kv(kv_in).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # the key count given, not -1: a reshape cannot infer a dimension of an empty (batch 0) tensor
+        kv = self.kv(kv_in).reshape(B, kv_in.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.)
         x = x.transpose(1, 2).reshape(B, H, W, C)

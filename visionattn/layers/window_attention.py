@@ -48,7 +48,8 @@ class WindowAttention(nn.Module):
         nh, nw = Hp // ws, Wp // ws
         # [B, nh, ws, nw, ws, C] -> [B*nh*nw, ws*ws, C]
         windows = x.reshape(B, nh, ws, nw, ws, C).transpose(2, 3).reshape(B * nh * nw, ws * ws, C)
-        qkv = self.qkv(windows).reshape(-1, ws * ws, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # explicit sizes, no -1: a reshape cannot infer a dimension of an empty (batch 0) tensor
+        qkv = self.qkv(windows).reshape(B * nh * nw, ws * ws, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.)
         out = out.transpose(1, 2).reshape(B, nh, nw, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)

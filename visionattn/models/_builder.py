@@ -18,7 +18,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, NormMlpClassifierHead
+from timm.layers import ClassifierHead, NormMlpClassifierHead, get_device_dtype
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -174,7 +174,8 @@ class HierarchicalBackbone(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        self.head.reset(num_classes, global_pool)
+        # device/dtype from the model: a head without classifier has no parameter timm could take them from
+        self.head.reset(num_classes, global_pool, **get_device_dtype(self))
 
     def forward_intermediates(
             self,

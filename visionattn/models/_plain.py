@@ -191,9 +191,9 @@ class PlainBackbone(nn.Module):
                 raise ValueError("global_pool='token' needs the class token, which this model does not have")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        device, dtype = get_device_dtype(self)
-        self.head = nn.Linear(self.embed_dim, num_classes, device=device, dtype=dtype) if num_classes > 0 \
-            else nn.Identity()
+        # the new head goes on the model's device, in its dtype (get_device_dtype returns a dict)
+        dd = get_device_dtype(self)
+        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
 
     @torch.jit.ignore

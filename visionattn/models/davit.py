@@ -113,7 +113,9 @@ class DaViTWindowAttention(WindowAttention):
         nh, nw = Hp // ws, Wp // ws
         windows = x.reshape(B, nh, ws, nw, ws, C).transpose(2, 3).reshape(B * nh * nw, ws * ws, C)
         qkv = fused_linear(windows, self.qkv.weight, self.qkv.bias)
-        q, k, v = qkv.reshape(-1, ws * ws, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # explicit sizes, no -1: a reshape cannot infer a dimension of an empty (batch 0) tensor
+        q, k, v = qkv.reshape(B * nh * nw, ws * ws, 3, self.num_heads, self.head_dim).permute(
+            2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.)
         out = out.transpose(1, 2).reshape(B, nh, nw, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
         if Hp != H or Wp != W:

@@ -216,6 +216,12 @@ class RelPosSelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.register_buffer('relative_position_index', self._rel_index(gh, gw, device=device), persistent=False)
 
+    def init_non_persistent_buffers(self) -> None:
+        """Rebuild ``relative_position_index`` on the module's device (timm's hook, e.g. after materialising a
+        meta-device model with ``to_empty``; the index is not in the state dict), never as an inference tensor."""
+        with torch.inference_mode(False):
+            self.relative_position_index = self._rel_index(*self.grid_size, device=self.rpb.device)
+
     @staticmethod
     def _rel_index(h: int, w: int, device: Optional[torch.device] = None) -> torch.Tensor:
         """``[h*w, h*w]`` flat index into a ``(2h-1) x (2w-1)`` table of (key - query) offsets."""

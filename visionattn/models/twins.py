@@ -197,7 +197,8 @@ class Twins(HierarchicalBackbone):
                               ('sr_ratios', sr_ratios)) + ((('window_sizes', window_sizes),) if window_sizes else ()):
             if len(arg) != num_stages:
                 raise ValueError(f'{arg_name} has {len(arg)} entries, expected one per stage ({num_stages})')
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist() if sum(depths) else []
+        # on CPU, also under a torch.device('meta') context (a meta tensor has no values to list)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist() if sum(depths) else []
 
         stem = TwinsPatchEmbed(in_chans, embed_dims[0], patch_size, eps=1e-5, drop=pos_drop_rate, **dd)
         stages = []
