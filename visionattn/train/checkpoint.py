@@ -7,9 +7,11 @@ data config and the metric history.
 import glob
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
+import zipfile
 
 import numpy as np
 import torch
@@ -22,17 +24,18 @@ _logger = logging.getLogger('train')
 EXT = '.pth.tar'
 
 
-def _fsync_replace(tmp, path):
+def atomic_write(path, write):
+    """``write(tmp)`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    write(tmp)
     with open(tmp, 'rb+') as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, fsync it, then rename it over ``path``."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    torch.save(obj, tmp)
-    _fsync_replace(tmp, path)
+    """torch.save ``obj`` to ``path`` atomically."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
@@ -53,9 +56,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         atomic_save(state, save_path)
 
     def _duplicate(self, src, dst):
-        tmp = f'{dst}.tmp{os.getpid()}'
-        shutil.copyfile(src, tmp)
-        _fsync_replace(tmp, dst)
+        atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
     def remove_recovery_files(self):
         """Drop mid-epoch recovery files once the epoch's own checkpoint is written."""
@@ -64,13 +65,34 @@ class AtomicCheckpointSaver(CheckpointSaver):
         self.curr_recovery_file = self.prev_recovery_file = ''
 
 
-def read_checkpoint(path):
-    """Load a training checkpoint (tools/train.py) with ``weights_only=True``; clear error when unreadable/foreign."""
+def read_weights(path, what='checkpoint'):
+    """Load a weights file on the CPU: a torch file with ``weights_only=True`` (memory-mapped when it is a zip
+    archive) or safetensors. A missing, empty or unreadable file is a UserInputError naming it; a pickle of Python
+    objects other than tensors is refused, never run."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise UserInputError(f"{what} {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise UserInputError(f"{what} {path} is empty (0 bytes)")
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except Exception as e:  # truncated zip, garbage bytes, non-allowlisted pickle, ...
-        reason = str(e).splitlines()[0]
-        raise UserInputError(f"checkpoint {path} is unreadable (truncated or corrupt?): {reason}") from None
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            return load_file(path)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        if 'weights only' in str(e).lower():
+            raise UserInputError(f"{what} {path} pickles Python objects other than tensors, which this tool refuses "
+                                 f"to load (torch.load(weights_only=True)); save a plain state_dict instead") from None
+        reason = str(e).strip().splitlines()[0]
+        raise UserInputError(f"{what} {path} is unreadable (not a torch checkpoint?): {reason}") from None
+    except Exception as e:  # truncated zip, garbage bytes, ...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserInputError(f"{what} {path} is unreadable (truncated or corrupt?): {reason}") from None
+
+
+def read_checkpoint(path):
+    """Load a training checkpoint (tools/train.py) with :func:`read_weights`; clear error when it is another file."""
+    ckpt = read_weights(path)
     if not isinstance(ckpt, dict) or 'epoch_complete' not in ckpt:
         raise UserInputError(f"{path} is not a training checkpoint written by tools/train.py (use --pretrained-path "
                              f"to start from plain weights)")

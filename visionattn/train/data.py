@@ -38,13 +38,16 @@ class ImageLoadError(UserInputError):
 def ensure_digits_folder(root):
     """Write sklearn's 1797 8x8 digits once as ``root/{train,val}/<digit>/<index>.png`` (80/20 stratified split).
 
-    Idempotent and safe when several processes race: the tree is built in a private folder and renamed into place.
+    Idempotent and safe when several processes race: the tree is built in a private folder and renamed into place,
+    so an existing folder without the ``.complete`` marker is never a partial export: it is the user's own data,
+    left untouched and used as an ImageFolder root.
     """
     marker = os.path.join(root, '.complete')
     if os.path.exists(marker):
         return root
     if os.path.exists(root):
-        raise UserInputError(f"{root} exists but is not a complete digits export; delete it or pick another --data-dir")
+        _logger.info(f"{root} is not the built-in digits export: using it as an ImageFolder root (train/, val/)")
+        return root
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     digits = load_digits()
@@ -227,6 +230,11 @@ def build_eval_dataset(args, class_names=None):
     if args.split:
         synonyms = TRAIN_SPLIT_NAMES if args.split in TRAIN_SPLIT_NAMES else EVAL_SPLIT_NAMES
         split_dir = _find_split(args.data_dir, args.split, synonyms)
+    else:
+        splits = [n for n in (*TRAIN_SPLIT_NAMES, *EVAL_SPLIT_NAMES) if os.path.isdir(os.path.join(split_dir, n))]
+        if splits:  # scoring a dataset root would mix its splits (and count split names as classes)
+            raise UserInputError(f"--split '' but {split_dir} holds the split folders {splits}: name the split to "
+                                 f"evaluate, e.g. --split {splits[-1]}")
     reader = _folder_reader(split_dir)
     if class_to_idx is not None:
         unknown = sorted(set(reader.class_to_idx) - set(class_to_idx), key=natural_key)

@@ -1,4 +1,7 @@
-"""The error type of user mistakes (data, config, checkpoint) that the command-line tools print as one line."""
+"""User mistakes (data, config, checkpoint, arguments) that the command-line tools report as one ``ERROR:`` line."""
+import argparse
+import ast
+import sys
 
 
 class UserInputError(Exception):
@@ -11,3 +14,28 @@ def error_message(error):
     if len(lines) > 1 and lines[0].startswith('Caught '):
         return lines[-1].split(': ', 1)[-1]
     return str(error)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with bad arguments reported as one ``ERROR:`` line (exit 2) instead of usage + message."""
+
+    def error(self, message):
+        sys.stderr.write(f"ERROR: {self.prog}: {message} (see --help)\n")
+        sys.exit(2)
+
+
+class ParseKwargs(argparse.Action):
+    """``--model-kwargs k=v ...`` into a dict, values read as Python literals (else kept as strings), as timm's
+    ``ParseKwargs``, with an argument error for an item without ``=``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        kwargs = {}
+        for item in values:
+            key, sep, value = item.partition('=')
+            if not sep or not key:
+                parser.error(f"argument {option_string}: expected key=value items, got {item!r}")
+            try:
+                kwargs[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                kwargs[key] = value
+        setattr(namespace, self.dest, kwargs)

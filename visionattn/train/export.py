@@ -4,7 +4,10 @@
 
 CKPT is a ``tools/train.py`` checkpoint (``{'arch', 'state_dict', 'state_dict_ema', ...}``), an
 official or timm classification checkpoint (any container the family's ``checkpoint_filter_fn``
-accepts), or a previous export. ``--model`` defaults to the train checkpoint's ``arch``.
+accepts), or a previous export. ``--model`` defaults to the checkpoint's ``arch`` when that names a
+visionattn model (a train checkpoint's, or an official one such as DaViT's ``'DaViT_tiny'``);
+a train checkpoint's recorded ``model_kwargs`` (a narrowed model) are used, ``--model-kwargs k=v``
+overrides them.
 
 The classifier is dropped; with ``--ema`` the EMA weights are exported. Outputs:
 
@@ -16,10 +19,12 @@ The classifier is dropped; with ``--ema`` the EMA weights are exported. Outputs:
   with exactly the keys a ``visionattn.Backbone`` uses (no final / head norm), the layout of a
   detector with that backbone (use as ``load_from``, or as the backbone's ``init_cfg`` checkpoint).
 
-Prints a coverage report (tensors / values per group); an unknown architecture, a checkpoint of
-another architecture or a missing backbone key is an error (exit code 2).
+Prints a coverage report (tensors / values per group). An unreadable file, an unknown
+architecture, a checkpoint of another architecture or a missing backbone key is one ``ERROR:``
+line and exit code 2. Files are read with ``torch.load(weights_only=True)`` or safetensors.
 """
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -27,6 +32,9 @@ import types
 from pathlib import Path
 
 import torch
+
+from .checkpoint import atomic_save, atomic_write, read_weights
+from .errors import ArgumentParser, ParseKwargs, UserInputError
 
 
 def _convert_module():
@@ -42,61 +50,93 @@ def _convert_module():
         return importlib.import_module(pkg.__name__ + '.convert')
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def registered_name(name):
+    """The visionattn model a name refers to, or None: the ``visionattn_`` prefix is optional, a pretrained tag
+    (``.msft_in1k``) is dropped and case is ignored (official checkpoints record e.g. ``arch='DaViT_tiny'``)."""
+    import visionattn
+    base = name.split('.')[0]
+    base = base if base.lower().startswith('visionattn_') else f'visionattn_{base}'
+    return {n.lower(): n for n in visionattn.list_models()}.get(base.lower())
+
+
+def resolve_model(ckpt, requested, source):
+    """(model name, recorded model kwargs) of an export from ``--model`` and what the checkpoint records."""
+    import visionattn
+    recorded = ckpt.get('arch') if isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), str) else None
+    recorded_name = registered_name(recorded) if recorded else None
+    if requested:
+        model_name = registered_name(requested)
+        if model_name is None:
+            close = difflib.get_close_matches(f'visionattn_{requested.removeprefix("visionattn_")}',
+                                              visionattn.list_models(), n=3)
+            raise UserInputError(f"--model {requested!r}: unknown architecture (not a visionattn model)"
+                                 + (f"; did you mean {', '.join(close)}?" if close else ''))
+        if recorded_name and recorded_name != model_name:
+            raise UserInputError(f"{source} was trained as {recorded!r}, not {model_name!r}")
+    elif recorded_name:
+        model_name = recorded_name
+    else:
+        what = f"architecture {recorded!r}, which is not a visionattn model" if recorded else 'no architecture'
+        raise UserInputError(f"{source} records {what}: pass --model NAME")
+    train_args = ckpt.get('args') if isinstance(ckpt, dict) else None
+    kwargs = train_args.get('model_kwargs') if isinstance(train_args, dict) else None
+    return model_name, dict(kwargs) if isinstance(kwargs, dict) else {}
+
+
+def build_parser():
+    ap = ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('checkpoint', help='train.py / official / timm checkpoint, or an export')
     ap.add_argument('--model', default=None, help="visionattn model name (default: the checkpoint's 'arch')")
     ap.add_argument('--format', choices=('safetensors', 'mmdet', 'both'), default='both')
     ap.add_argument('--ema', action='store_true', help="export 'state_dict_ema' instead of 'state_dict'")
     ap.add_argument('-o', '--output', default=None,
                     help='output path without extension (default: next to CKPT, <stem>_backbone)')
-    ap.add_argument('--model-kwargs', default='{}',
-                    help="architecture kwargs as a Python dict literal, e.g. \"{'depths': (1, 1, 2, 1)}\"")
-    args = ap.parse_args(argv)
+    ap.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                    help="architecture kwargs k=v (as tools/train.py), e.g. depths='(1, 1, 2, 1)'; default: what "
+                         "a train checkpoint records")
+    return ap
 
-    import ast
-    import visionattn
+
+def export(args):
+    """Read, map and write; returns the written paths. Raises UserInputError for any problem with the input."""
     convert = _convert_module()
-
+    ckpt = read_weights(args.checkpoint)
+    model_name, model_kwargs = resolve_model(ckpt, args.model, args.checkpoint)
+    model_kwargs.update(args.model_kwargs)
     try:
-        ckpt = convert.load_checkpoint_file(args.checkpoint)
-        arch = ckpt.get('arch') if isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), str) else None
-        model_name = args.model or arch
-        if model_name is None:
-            raise ValueError(f'{args.checkpoint} records no architecture (no "arch" key): pass --model NAME')
-        if not model_name.startswith('visionattn_'):
-            model_name = 'visionattn_' + model_name
-        model_name = model_name.split('.')[0]  # drop a pretrained tag (visionattn_davit_tiny.msft_in1k)
-        if model_name not in visionattn.list_models():
-            raise ValueError(f'unknown architecture {model_name!r}; registered: {visionattn.list_models()}')
-        if arch and args.model and arch.split('.')[0].replace('visionattn_', '') != model_name.replace('visionattn_', ''):
-            raise ValueError(f'{args.checkpoint} was trained as {arch!r}, not {model_name!r}')
-        model_kwargs = ast.literal_eval(args.model_kwargs)
         full, sd, report, model = convert.export_state_dict(
             ckpt, model_name, ema=args.ema, model_kwargs=model_kwargs, source=args.checkpoint)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
-        print(f'export: error: {e}', file=sys.stderr)
-        return 2
-
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise UserInputError(' '.join(str(e).split())[:600]) from None
     print(report)
+    if model_kwargs:
+        print(f'model kwargs: {model_kwargs}')
     print(convert.coverage_report(sd, model))
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                       Path(args.checkpoint).name.split('.')[0] + '_backbone')
+    paths = {'safetensors': [out + '.safetensors'], 'mmdet': [out + '_mmdet.pth']}
+    paths['both'] = paths['safetensors'] + paths['mmdet']
+    targets = paths[args.format]
+    if any(os.path.abspath(p) == os.path.abspath(args.checkpoint) for p in targets):
+        raise UserInputError(f"--output {out} would overwrite the input checkpoint {args.checkpoint}")
     meta = dict(arch=model_name, ema=bool(args.ema), source=os.path.abspath(args.checkpoint),
                 model_kwargs=repr(model_kwargs))
-    written = []
-    if args.format in ('safetensors', 'both'):
-        from safetensors.torch import save_file
-        path = out + '.safetensors'
-        save_file(dict(full), path, metadata={k: str(v) for k, v in meta.items()})
-        written.append(path)
-    if args.format in ('mmdet', 'both'):
-        path = out + '_mmdet.pth'
-        torch.save({'state_dict': {convert.WRAPPED_PREFIX.join(('backbone.', k)): v for k, v in sd.items()},
-                    'meta': meta}, path)
-        written.append(path)
-    for p in written:
-        print(f'wrote {p}')
-    return 0
+    for path in targets:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import save_file
+            atomic_write(path, lambda tmp: save_file(dict(full), tmp, metadata={k: str(v) for k, v in meta.items()}))
+        else:
+            atomic_save({'state_dict': {convert.WRAPPED_PREFIX.join(('backbone.', k)): v for k, v in sd.items()},
+                         'meta': meta}, path)
+        print(f'wrote {path}')
+    return targets
 
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        export(args)
+    except UserInputError as e:
+        print(f'ERROR: {e}', file=sys.stderr)
+        return 2
+    return 0

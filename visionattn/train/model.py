@@ -2,7 +2,6 @@
 import contextlib
 import difflib
 import logging
-import os
 import re
 
 import timm
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from timm.utils import AverageMeter, accuracy, reduce_tensor
 
 from .. import models  # noqa: F401  (registers the visionattn_* models in timm)
+from .checkpoint import read_weights
 from .errors import UserInputError
 
 _logger = logging.getLogger('train')
@@ -47,16 +47,10 @@ def create_model(name, num_classes, pretrained_path=None, **kwargs):
     error (e.g. a checkpoint of another architecture)."""
     check_model_name(name)
     if not pretrained_path:
-        return timm.create_model(name, num_classes=num_classes, **kwargs)
-    if not os.path.isfile(pretrained_path):
-        raise UserInputError(f"--pretrained-path {pretrained_path}: no such file")
+        return build_model(name, num_classes=num_classes, **kwargs)
+    read_weights(pretrained_path, '--pretrained-path')  # unreadable / empty / pickled objects: a clear error first
     with _capture_timm_load_log() as messages:
-        try:
-            model = timm.create_model(name, pretrained=True, num_classes=num_classes,
-                                      pretrained_cfg_overlay=dict(file=pretrained_path, num_classes=-1), **kwargs)
-        except RuntimeError as e:
-            raise UserInputError(f"pretrained weights {pretrained_path} do not fit model {name}: "
-                                 f"{' '.join(str(e).split())[:400]}") from None
+        model = load_weights_file(name, pretrained_path, num_classes=num_classes, classifier_classes=-1, **kwargs)
     classifier = model.pretrained_cfg.get('classifier') or ()
     classifiers = [classifier] if isinstance(classifier, str) else classifier
     heads = {f'{c}.{p}' for c in classifiers for p in ('weight', 'bias')}
@@ -66,6 +60,25 @@ def create_model(name, num_classes, pretrained_path=None, **kwargs):
         raise UserInputError(f"pretrained weights {pretrained_path} do not fit model {name}: {len(missing)} tensor(s) "
                              f"missing from the file, e.g. {missing[:5]} (checkpoint of another architecture?)")
     return model
+
+
+def build_model(name, **kwargs):
+    """timm.create_model; keyword arguments the model does not take are a UserInputError naming them."""
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as e:
+        raise UserInputError(f"model {name} does not accept these arguments {kwargs}: {e}") from None
+
+
+def load_weights_file(name, path, num_classes, classifier_classes=None, **kwargs):
+    """``name`` with the weights of ``path`` (any container its checkpoint filter accepts), loaded strictly by timm
+    through ``pretrained_cfg_overlay``; a file that does not fit is a UserInputError naming it.
+    ``classifier_classes``: the file's classifier size (-1: drop the file's classifier, re-initialise it)."""
+    overlay = dict(file=str(path), num_classes=num_classes if classifier_classes is None else classifier_classes)
+    try:
+        return build_model(name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **kwargs)
+    except (RuntimeError, KeyError, ValueError, IndexError, AssertionError) as e:  # strict load / filter failures
+        raise UserInputError(f"weights {path} do not fit model {name}: {' '.join(str(e).split())[:400]}") from None
 
 
 def load_model_state(model, state_dict, source, arch):

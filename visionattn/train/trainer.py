@@ -38,10 +38,10 @@ import torch.distributed as dist
 import yaml
 from timm.data import Mixup, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import safe_model_name
+from timm.models import get_pretrained_cfg_value, safe_model_name
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import (AverageMeter, ModelEmaV3, NativeScaler, ParseKwargs, dispatch_clip_grad, distribute_bn,
+from timm.utils import (AverageMeter, ModelEmaV3, NativeScaler, dispatch_clip_grad, distribute_bn,
                         get_state_dict, init_distributed_device, random_seed, reduce_tensor, setup_default_logging,
                         unwrap_model)
 from tqdm import tqdm
@@ -49,8 +49,8 @@ from tqdm import tqdm
 from .checkpoint import (AtomicCheckpointSaver, find_resume_checkpoint, load_scheduler_state, progress, rng_state,
                          scheduler_state, set_rng_state)
 from .data import AugmentedDataset, StrictImageDataset, build_datasets, build_transform, create_loader
-from .errors import UserInputError, error_message
-from .model import create_model, evaluate, load_model_state
+from .errors import ArgumentParser, ParseKwargs, UserInputError, error_message
+from .model import check_model_name, create_model, evaluate, load_model_state
 
 _logger = logging.getLogger('train')
 
@@ -84,9 +84,17 @@ DEFAULT_JOB = {
 DATA_SOURCE_KEYS = ('data_dir', 'dataset', 'train_csv', 'val_csv')
 
 
+def yaml_value(text):
+    """A command-line value given as YAML; malformed YAML is an argument error."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"not valid YAML: {' '.join(str(e).split())}") from None
+
+
 def build_parser():
     """The argument parser; names follow timm's train.py where the meaning is the same."""
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+    p = ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     flag = argparse.BooleanOptionalAction
     p.add_argument('-c', '--config', default='', help='YAML config file (keys = argument names with underscores)')
@@ -120,7 +128,7 @@ def build_parser():
     g.add_argument('--channels-last', action=flag, default=False)
     g.add_argument('--torchcompile', nargs='?', const='inductor', default=None, help='torch.compile backend')
     g = p.add_argument_group('augmentation and regularisation')
-    g.add_argument('--train-aug', type=yaml.safe_load, default=[
+    g.add_argument('--train-aug', type=yaml_value, default=[
         {'RandomResizedCrop': {'scale': [0.08, 1.0]}}, {'HorizontalFlip': {'p': 0.5}},
         {'ColorJitter': {'brightness': 0.4, 'contrast': 0.4, 'saturation': 0.4, 'hue': 0.0}}],
         help="albumentations pipeline as YAML, e.g. \"[{HorizontalFlip: {p: 0.5}}, CoarseDropout]\"; size and "
@@ -177,21 +185,66 @@ def setting_names(parser):
     return {a.dest for a in parser._actions} - {'help', 'config', 'resume'}
 
 
-def load_config(path, known_keys):
-    """Read a YAML config; unknown keys are an error naming the key."""
+def config_value(action, value):
+    """A config file's value for one argument, checked (and converted) as argparse would check it on the command
+    line; raises ValueError saying what was expected."""
+    def one(v):
+        if action.type in (int, float):
+            if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+                raise ValueError(f"expected {'an integer' if action.type is int else 'a number'}")
+            try:
+                v = action.type(v)  # YAML reads 1e-3 (no dot) as a string
+            except ValueError:
+                raise ValueError(f"expected {'an integer' if action.type is int else 'a number'}") from None
+        elif action.type is None and v is not None and not isinstance(v, str):
+            raise ValueError('expected a string')
+        if action.choices is not None and v not in action.choices:
+            raise ValueError(f"expected one of {list(action.choices)}")
+        return v
+    if value is None:
+        return value
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise ValueError('expected true or false')
+        return value
+    if isinstance(action, ParseKwargs):
+        if not isinstance(value, dict):
+            raise ValueError('expected a mapping of keyword arguments')
+        return value
+    if action.type is yaml_value:  # structured value (e.g. train_aug), checked where it is used
+        return value
+    if isinstance(action.nargs, int) or action.nargs in ('*', '+'):
+        if not isinstance(value, list) or (isinstance(action.nargs, int) and len(value) != action.nargs):
+            raise ValueError(f"expected a list of {action.nargs if isinstance(action.nargs, int) else ''} values")
+        return [one(v) for v in value]
+    return one(value)
+
+
+def load_config(path, parser):
+    """Read a YAML config; an unreadable file, an unknown key or a value of the wrong type is an error naming it."""
     if not os.path.isfile(path):
         raise UserInputError(f"config file {path} does not exist")
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UserInputError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(config, dict):
         raise UserInputError(f"config file {path} must hold a mapping of argument names to values")
-    config = {k.replace('-', '_'): v for k, v in config.items()}
-    for key in config:
-        if key not in known_keys:
-            close = difflib.get_close_matches(key, known_keys, n=3)
+    known = setting_names(parser)
+    actions = {a.dest: a for a in parser._actions}
+    checked = {}
+    for key, value in config.items():
+        key = str(key).replace('-', '_')
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
             hint = f"; did you mean {close}?" if close else ''
             raise UserInputError(f"unknown key '{key}' in config {path}{hint}")
-    return config
+        try:
+            checked[key] = config_value(actions[key], value)
+        except ValueError as e:
+            raise UserInputError(f"config {path}: {key}: {value!r}: {e}") from None
+    return checked
 
 
 def parse_args(argv=None):
@@ -201,7 +254,7 @@ def parse_args(argv=None):
     known = setting_names(parser)
     defaults = {}
     if cli.config:
-        defaults.update(load_config(cli.config, known))
+        defaults.update(load_config(cli.config, parser))
     elif not cli.resume and all(getattr(cli, k) is None for k in DATA_SOURCE_KEYS):
         defaults.update(DEFAULT_JOB)
     ckpt = resume_file = None
@@ -294,9 +347,11 @@ class Trainer:
     def _setup_model(self, pretrained_path):
         """The model on its device, and the data config resolved from its pretrained_cfg."""
         args = self.args
-        drop_path = {'drop_path_rate': args.drop_path} if args.drop_path else {}
-        model = create_model(args.model, args.num_classes, pretrained_path, drop_rate=args.drop, **drop_path,
-                             **args.model_kwargs)
+        kwargs = {'drop_rate': args.drop, **({'drop_path_rate': args.drop_path} if args.drop_path else {})}
+        check_model_name(args.model)
+        if args.img_size and get_pretrained_cfg_value(args.model, 'fixed_input_size'):
+            kwargs['img_size'] = args.img_size  # e.g. ViT-style position embeddings (resampled from pretrained)
+        model = create_model(args.model, args.num_classes, pretrained_path, **{**kwargs, **args.model_kwargs})
         self.data_config = resolve_data_config(
             dict(img_size=args.img_size or args.model_kwargs.get('img_size'), crop_pct=args.crop_pct,
                  mean=args.mean, std=args.std, interpolation=args.interpolation), model=model)

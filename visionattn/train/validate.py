@@ -12,25 +12,24 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import sys
 import time
 
 import torch
 import timm
 from timm.data import resolve_data_config
-from timm.utils import ParseKwargs, setup_default_logging
+from timm.utils import setup_default_logging
 
-from .checkpoint import read_checkpoint
+from .checkpoint import read_weights
 from .data import AugmentedDataset, StrictImageDataset, build_eval_dataset, build_transform, create_loader
-from .errors import UserInputError, error_message
-from .model import check_model_name, evaluate, load_model_state
+from .errors import ArgumentParser, ParseKwargs, UserInputError, error_message
+from .model import build_model, check_model_name, evaluate, load_model_state, load_weights_file
 
 _logger = logging.getLogger('validate')
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+    p = ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     flag = argparse.BooleanOptionalAction
     p.add_argument('checkpoint', help='tools/train.py checkpoint, or a weights file together with --model')
@@ -64,18 +63,13 @@ def load_model(args):
     """Return (model, data config, class names or None, architecture name)."""
     overrides = dict(img_size=args.img_size or args.model_kwargs.get('img_size'), crop_pct=args.crop_pct,
                      mean=args.mean, std=args.std, interpolation=args.interpolation)
-    if not os.path.isfile(args.checkpoint):
-        raise UserInputError(f"checkpoint {args.checkpoint} does not exist")
-    try:
-        ckpt = read_checkpoint(args.checkpoint)
-    except UserInputError:
-        ckpt = None  # not a tools/train.py checkpoint: a plain weights file
-    if ckpt is not None:
+    ckpt = read_weights(args.checkpoint)
+    if isinstance(ckpt, dict) and 'epoch_complete' in ckpt:  # a tools/train.py checkpoint
         arch = ckpt['arch']
         if args.model and args.model != arch:
             raise UserInputError(f"checkpoint {args.checkpoint} is for model {arch}, not --model {args.model}")
         check_model_name(arch)
-        model = timm.create_model(arch, num_classes=ckpt['num_classes'], **ckpt['args'].get('model_kwargs', {}))
+        model = build_model(arch, num_classes=ckpt['num_classes'], **ckpt['args'].get('model_kwargs', {}))
         key = 'state_dict_ema' if args.use_ema else 'state_dict'
         if key not in ckpt:
             raise UserInputError(f"checkpoint {args.checkpoint} has no EMA weights (trained without --model-ema)")
@@ -85,13 +79,7 @@ def load_model(args):
         raise UserInputError(f"{args.checkpoint} is not a tools/train.py checkpoint; give --model for plain weights")
     check_model_name(args.model)
     num_classes = args.num_classes or timm.models.get_pretrained_cfg_value(args.model, 'num_classes') or 1000
-    try:
-        model = timm.create_model(args.model, pretrained=True, num_classes=num_classes,
-                                  pretrained_cfg_overlay=dict(file=args.checkpoint, num_classes=num_classes),
-                                  **args.model_kwargs)
-    except RuntimeError as e:
-        raise UserInputError(f"weights {args.checkpoint} do not fit model {args.model}: "
-                             f"{' '.join(str(e).split())[:400]}") from None
+    model = load_weights_file(args.model, args.checkpoint, num_classes, **args.model_kwargs)
     return model, resolve_data_config(overrides, model=model), None, args.model
 
 
