@@ -33,6 +33,7 @@ from mmengine.structures import InstanceData  # noqa: E402
 
 import visionattn  # noqa: E402
 import visionattn.det  # noqa: E402,F401
+from visionattn.train import export as export_tool  # noqa: E402
 from visionattn.det import VisionAttnBackbone, backbone_channels  # noqa: E402
 from visionattn.det.convert import detection_model_kwargs  # noqa: E402
 from visionattn.det.families import DET_FAMILIES, family_for  # noqa: E402
@@ -49,7 +50,6 @@ def _tool(name):
     return module
 
 
-export_tool = _tool('export')
 make_shapes = _tool('make_shapes_dataset')
 
 from layouts import LAYOUTS, load_layout, random_state_dict, wrap  # noqa: E402
@@ -429,10 +429,65 @@ def test_shapes_config_and_dataset(tmp_path):
     assert list(cfg.model.neck.in_channels) == bb.out_channels
 
 
-def test_det_train_resume_env():
-    out = subprocess.run([sys.executable, '-c', 'import runpy,sys,os; sys.argv=["x","--help"]; '
-                          'import importlib.util as u; s=u.spec_from_file_location("t", "tools/det_train.py"); '
-                          'm=u.module_from_spec(s); s.loader.exec_module(m); print(os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"])'],
-                         cwd=ROOT, capture_output=True, text=True, env={k: v for k, v in os.environ.items()
-                                                                      if k != 'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'})
-    assert out.returncode == 0 and out.stdout.strip() == '1', out.stderr
+class _WritesMarker:
+    """Unpickling this creates the marker file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+def _det_train(*args, timeout=600):
+    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'det_train.py'), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1', OMP_NUM_THREADS='2'))
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_malicious_checkpoint_never_runs_in_the_backbone(tmp_path):
+    marker, evil = tmp_path / 'pwned', tmp_path / 'evil.pth'
+    torch.save({'state_dict': {'x': torch.zeros(1)}, 'payload': _WritesMarker(str(marker))}, evil)
+    bb = VisionAttnBackbone(SMALLEST[LANDED[0]][0], init_cfg=dict(type='Pretrained', checkpoint=str(evil)))
+    with pytest.raises(ValueError, match='pickles Python objects other than tensors'):
+        bb.init_weights()
+    assert not marker.exists()
+
+
+def test_det_train_resumes_its_own_checkpoints_and_refuses_malicious_ones(tmp_path):
+    """The embedded job, 2 + 2 iterations on 6 images: its checkpoints load with weights_only=True and resume;
+    a malicious file as --pretrained, load_from or --resume is one ERROR line (exit 2) and never runs."""
+    data = tmp_path / 'shapes'
+    cfg = tmp_path / 'tiny.py'
+    cfg.write_text(
+        f"_base_ = [{str(ROOT / 'configs' / 'det' / 'retinanet_davit_shapes.py')!r}]\n"
+        f"shapes_dataset = dict(root={str(data)!r}, num_train=6, num_val=2, size=96, seed=0)\n"
+        f"train_dataloader = dict(batch_size=2, dataset=dict(data_root={str(data) + '/'!r}))\n"
+        f"val_dataloader = dict(batch_size=2, dataset=dict(data_root={str(data) + '/'!r}))\n"
+        "test_dataloader = val_dataloader\n"
+        f"val_evaluator = dict(ann_file={str(data / 'annotations' / 'val.json')!r})\n"
+        "test_evaluator = val_evaluator\n"
+        "time_budget_minutes = None\ntime_schedule = None\n"
+        "param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]\n"
+        "train_cfg = dict(max_iters=2, val_interval=100)\n"
+        "default_hooks = dict(checkpoint=dict(interval=2), logger=dict(interval=1))\n")
+    work = tmp_path / 'work'
+    rc, out = _det_train(cfg, '--work-dir', work)
+    assert rc == 0, out[-3000:]
+    from visionattn.det.checkpoint import weights_only_runner_checkpoints
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(work / 'iter_2.pth'))
+    assert unsafe and all(g.startswith('numpy.') for g in unsafe), unsafe  # no HistoryBuffer, no getattr
+    with weights_only_runner_checkpoints():
+        ckpt = torch.load(work / 'iter_2.pth', map_location='cpu', weights_only=True)
+    assert ckpt['meta']['iter'] == 2
+    rc, out = _det_train(cfg, '--work-dir', work, '--resume', '--cfg-options', 'train_cfg.max_iters=4')
+    assert rc == 0 and 'resumed epoch: 0, iter: 2' in out and (work / 'iter_4.pth').exists(), out[-3000:]
+
+    marker, evil = tmp_path / 'pwned', tmp_path / 'evil.pth'
+    torch.save({'state_dict': {'x': torch.zeros(1)}, 'meta': {}, 'payload': _WritesMarker(str(marker))}, evil)
+    for args in (['--pretrained', evil], ['--cfg-options', f'load_from={evil}'], ['--resume', evil]):
+        rc, out = _det_train(cfg, '--work-dir', tmp_path / 'w2', *args)
+        errors = [line for line in out.splitlines() if line.startswith('ERROR:')]
+        assert rc == 2 and len(errors) == 1 and 'Traceback' not in out, (args, out[-3000:])
+        assert 'pickles Python objects other than tensors' in errors[0] and not marker.exists(), errors[0]

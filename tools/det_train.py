@@ -4,8 +4,10 @@
     python tools/det_train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--pretrained CKPT]
                               [--max-minutes M] [--cfg-options key=value ...]
 
-* ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` is set (unless already set) so mmengine 0.10.7 can
-  resume its own checkpoints on torch >= 2.6 (they pickle HistoryBuffer / numpy objects).
+* Every ``torch.load`` in the process reads with ``weights_only=True`` (``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``):
+  ``--pretrained``, ``init_cfg``, ``load_from`` and ``--resume`` are files a user gives. The runner's
+  own checkpoints are written without pickled Python objects
+  (``visionattn.det.checkpoint.WeightsOnlyCheckpointHook``) so that resuming them needs nothing more.
 * A config with a ``shapes_dataset = dict(root=..., ...)`` entry gets its synthetic dataset
   generated first (``tools/make_shapes_dataset.py``), so the embedded job needs no download.
 * ``--pretrained`` sets ``model.backbone.init_cfg`` to that checkpoint (classification checkpoint,
@@ -19,7 +21,6 @@
   ends its run annealed (the job is "train for N minutes", whatever the speed).
 Prints the final COCO metrics and the wall time, and writes them to ``WORK_DIR/summary.json``.
 """
-import argparse
 import json
 import math
 import os
@@ -27,7 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
+if os.environ.pop('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', None):
+    print('det_train: ignoring TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD: checkpoints are read with weights_only=True',
+          file=sys.stderr)
+os.environ['TORCH_FORCE_WEIGHTS_ONLY_LOAD'] = '1'
 # idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads made a
 # training step ~10x slower in CPU time (measured: 2.9 s vs 0.2 s for the shapes backbone step)
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
@@ -40,7 +44,8 @@ for p in (str(ROOT), str(ROOT / 'tools')):
 
 def parse_args(argv=None):
     from mmengine.config import DictAction
-    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    from visionattn.train.errors import ArgumentParser
+    ap = ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('config')
     ap.add_argument('--work-dir', default=None, help='default: output/det/<config name>')
     ap.add_argument('--resume', nargs='?', const='auto', default=None,
@@ -52,16 +57,46 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def load_error(error, cfg):
+    """One line for a checkpoint that torch.load(weights_only=True) refused."""
+    refused = ' '.join(str(error).split('WeightsUnpickler error:')[-1].split())[:300]
+    init = cfg.model.get('backbone', {}).get('init_cfg')
+    files = [f for f in (cfg.get('load_from'), init.get('checkpoint') if isinstance(init, dict) else None) if f]
+    hint = (' (a checkpoint written by mmengine without visionattn.det.checkpoint.WeightsOnlyCheckpointHook '
+            'holds HistoryBuffer objects)' if 'HistoryBuffer' in refused else '')
+    return (f"a checkpoint ({'; '.join(files) or 'see the config'}) pickles Python objects other than tensors "
+            f"and is refused, as every checkpoint is read with torch.load(weights_only=True){hint}: {refused}")
+
+
 def main(argv=None) -> int:
+    import pickle
     args = parse_args(argv)
-    import torch
+    if not os.path.isfile(args.config):
+        print(f'ERROR: config {args.config} does not exist', file=sys.stderr)
+        return 2
+    if args.pretrained and not os.path.isfile(args.pretrained):
+        print(f'ERROR: --pretrained {args.pretrained} does not exist', file=sys.stderr)
+        return 2
     from mmengine.config import Config
+    cfg = Config.fromfile(args.config)
+    try:
+        return run(args, cfg)
+    except pickle.UnpicklingError as e:
+        print(f'ERROR: {load_error(e, cfg)}', file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:  # checkpoint / config problems (visionattn.det.convert, mmengine)
+        print(f"ERROR: {' '.join(str(e).split())[:600]}", file=sys.stderr)
+    return 2
+
+
+def run(args, cfg) -> int:
+    """Train and evaluate ``cfg`` (already read from ``args.config``); returns the exit code."""
+    import torch
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
+    from visionattn.det.checkpoint import WeightsOnlyCheckpointHook, weights_only_runner_checkpoints
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or os.path.join('output', 'det', Path(args.config).stem)
@@ -117,16 +152,18 @@ def main(argv=None) -> int:
     start = time.time()
     runner = Runner.from_cfg(cfg)
     runner.register_hook(_Record())
+    runner.register_hook(WeightsOnlyCheckpointHook())
     if schedule:
         runner.register_hook(_TimeSchedule())
-    runner.train()
-    train_s = time.time() - state.get('t_train', start)
-    if runner.iter < runner.train_loop.max_iters:  # stopped by the time budget: keep a resumable checkpoint
-        runner.save_checkpoint(cfg.work_dir, f'iter_{runner.iter}.pth')
-        with open(os.path.join(cfg.work_dir, 'last_checkpoint'), 'w') as f:  # what --resume picks up
-            f.write(os.path.join(cfg.work_dir, f'iter_{runner.iter}.pth'))
-    if state.get('val_iter') != runner.iter and runner.val_loop is not None:
-        runner.val_loop.run()
+    with weights_only_runner_checkpoints():
+        runner.train()
+        train_s = time.time() - state.get('t_train', start)
+        if runner.iter < runner.train_loop.max_iters:  # stopped by the time budget: keep a resumable checkpoint
+            runner.save_checkpoint(cfg.work_dir, f'iter_{runner.iter}.pth')
+            with open(os.path.join(cfg.work_dir, 'last_checkpoint'), 'w') as f:  # what --resume picks up
+                f.write(os.path.join(cfg.work_dir, f'iter_{runner.iter}.pth'))
+        if state.get('val_iter') != runner.iter and runner.val_loop is not None:
+            runner.val_loop.run()
     wall = time.time() - start
     metrics = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in state.get('metrics', {}).items()}
     summary = dict(config=args.config, iterations=runner.iter, train_seconds=round(train_s, 1),
