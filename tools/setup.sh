@@ -13,7 +13,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c '
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip install -q)
-# torch first (the pinned CPU build), then the package with its extras.
+# torch first (2.14.1, the CUDA 13 build on the local package disk; runs on the CPU without a GPU), then the package.
 "${pip[@]}" torch==2.14.1 torchvision==0.29.1
 "${pip[@]}" -e '.[train,test]'
 echo "$want" > "$stamp"
