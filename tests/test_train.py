@@ -86,17 +86,27 @@ def test_run_outputs_and_weights_only_checkpoints(full_run):
     assert [r['epoch'] for r in rows] == [0, 1] and rows[-1]['eval_top1'] > 15  # above chance (10 %)
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(job, full_run):
+@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_signal_mid_epoch_then_resume_matches_uninterrupted(job, full_run, sig):
+    """SIGKILL: resume from the last periodic recovery file. SIGINT / SIGTERM: a recovery checkpoint is written at
+    the next batch, one line says how to resume, exit 130 / 143 without a traceback. Resuming gives the
+    uninterrupted run's numbers."""
     out, args = job
-    proc = subprocess.Popen([sys.executable, str(TOOLS / 'train.py'), *map(str, args), '--experiment', 'killed'],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    run_dir = out / 'killed'
+    run_dir = out / f'stopped-{sig.name}'
+    proc = subprocess.Popen([sys.executable, str(TOOLS / 'train.py'), *map(str, args), '--experiment', run_dir.name],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + RUN_TIMEOUT
     while not list(run_dir.glob('recovery-1-*.pth.tar')):  # a mid-epoch checkpoint of the second epoch
         assert proc.poll() is None and time.time() < deadline, 'run ended before reaching epoch 1'
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
+    proc.send_signal(sig)
+    output = proc.communicate(timeout=RUN_TIMEOUT)[0]
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 128 + sig, output[-3000:]
+        assert 'Traceback' not in output and f'continue with: python tools/train.py --resume {run_dir}' in output, \
+            output[-3000:]
 
     output = run_tool('train.py', '--resume', run_dir)
     assert 'resumed from' in output and 'recovery-1-' in output, output[-2000:]
@@ -192,7 +202,10 @@ def test_csv_datasets(digits, tmp_path):
 def test_unreadable_image_is_named_or_skipped(bad_data):
     base = ['--data-dir', bad_data / 'broken', *MODEL, '--epochs', '1', '--output', bad_data / 'out']
     output = run_tool('train.py', *base, '--experiment', 'strict', '--workers', '1', expect_rc=2)
-    assert 'unreadable image' in output and ('not_an_image.png' in output or 'truncated.png' in output)
+    errors = [line for line in output.splitlines() if 'ERROR' in line]
+    assert len(errors) == 1 and '2 unreadable image(s)' in errors[0], output[-2000:]
+    assert 'not_an_image.png' in errors[0] and 'truncated.png' in errors[0], errors[0]  # all named, up front
+    assert not list((bad_data / 'out' / 'strict').glob('*.pth.tar')) and 'epoch 0' not in output, output[-2000:]
     output = run_tool('train.py', *base, '--experiment', 'skip', '--skip-bad-images')
     assert 'skipped 2 unreadable image(s)' in output
 
@@ -245,3 +258,22 @@ def test_ddp_two_cpu_processes(digits, tmp_path):
              '--results-file', results)
     assert json.loads(results.read_text())['top1'] == pytest.approx(summary(tmp_path / 'ddp')[0]['eval_top1'],
                                                                     abs=1e-3)
+
+
+def test_progress_lines_off_terminal_topk_and_empty_class_folder(digits, tmp_path):
+    """Output piped (not a terminal): a progress line per interval for training and evaluation; 3 classes report
+    top-3, not top-5; an empty class folder is named in a warning."""
+    import shutil
+    data = tmp_path / 'three'
+    for split in ('train', 'val'):
+        for cls in ('0', '1', '2'):
+            shutil.copytree(Path(digits, split, cls), data / split / cls)
+        (data / split / 'unlabelled').mkdir()
+    output = run_tool('train.py', '--data-dir', data, *MODEL, '--batch-size', '32', '--epochs', '1',
+                      '--progress-interval', '0', '--output', tmp_path / 'out')
+    train_lines = [line for line in output.splitlines() if 'epoch 0: ' in line and ' batches (' in line]
+    eval_lines = [line for line in output.splitlines() if 'eval: ' in line and ' batches (' in line]
+    assert len(train_lines) >= 3 and 'loss' in train_lines[0] and '100%' in train_lines[-1], output[-3000:]
+    assert eval_lines and '100%' in eval_lines[-1], output[-3000:]
+    assert 'top-3' in output and 'top-5' not in output, output[-3000:]
+    assert 'class folder(s) without images' in output and 'unlabelled' in output, output[-3000:]

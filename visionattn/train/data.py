@@ -14,11 +14,13 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from PIL import Image
 from timm.data import ImageDataset, create_dataset
+from timm.data.readers.img_extensions import get_img_extensions
 from timm.data.readers.reader import Reader
 from timm.data.readers.reader_image_folder import ReaderImageFolder
 from timm.utils.misc import natural_key
 
 from .errors import UserInputError
+from .progress import DEFAULT_INTERVAL, Progress
 
 _logger = logging.getLogger('train')
 
@@ -124,18 +126,36 @@ class StrictImageDataset(ImageDataset):
         except self.DECODE_ERRORS as e:
             raise ImageLoadError(f"unreadable image {path}: {e} (use --skip-bad-images to skip such files)") from None
 
-    def drop_unreadable(self, num_threads=1):
-        """Decode every image once and drop those that fail; returns the list of dropped paths."""
-        def readable(sample):
+    def unreadable(self, num_threads=1, interval=DEFAULT_INTERVAL):
+        """Paths of the images whose header does not decode (``Image.open`` + ``verify``: no pixel decode, so a
+        large set is checked quickly), with a progress bar (or lines, off a terminal)."""
+        def bad(sample):
             try:
-                self._load(sample[0])
-                return True
-            except self.DECODE_ERRORS:
-                return False
-        with ThreadPoolExecutor(max(1, num_threads)) as pool:
-            ok = list(pool.map(readable, self.reader.samples))
-        bad = [s[0] for s, good in zip(self.reader.samples, ok) if not good]
-        self.reader.samples = [s for s, good in zip(self.reader.samples, ok) if good]
+                with Image.open(sample[0]) as img:
+                    img.verify()
+                return None
+            except (*self.DECODE_ERRORS, SyntaxError):
+                return sample[0]
+        with ThreadPoolExecutor(max(1, num_threads)) as pool, \
+                Progress(len(self.reader.samples), 'checking images', interval=interval) as bar:
+            found = []
+            for path in pool.map(bad, self.reader.samples):
+                bar.update()
+                if path is not None:
+                    found.append(path)
+        return found
+
+    def check_images(self, skip_bad=False, num_threads=1):
+        """Check every image once before training: unreadable ones are an error naming them all, or, with
+        ``skip_bad``, dropped (returns the dropped paths)."""
+        bad = self.unreadable(num_threads)
+        if bad and not skip_bad:
+            shown = ', '.join(bad[:20]) + (f' and {len(bad) - 20} more' if len(bad) > 20 else '')
+            raise ImageLoadError(f"{len(bad)} unreadable image(s): {shown} (use --skip-bad-images to skip them)")
+        if bad:
+            dropped = set(bad)
+            self.reader.samples = [s for s in self.reader.samples if s[0] not in dropped]
+            _logger.warning(f"skipped {len(bad)} unreadable image(s), e.g. {bad[:3]}")
         return bad
 
 
@@ -166,12 +186,24 @@ def _find_split(root, split, synonyms):
     raise UserInputError(f"no '{split}' split folder under {root} (looked for {looked_for})")
 
 
+def empty_class_folders(folder):
+    """Sub-folders of ``folder`` with no image anywhere below them (classes an ImageFolder reader drops)."""
+    def has_image(path):
+        return any(os.path.splitext(f)[1].lower() in get_img_extensions(as_set=True) for _, _, files in os.walk(path) for f in files)
+    names = sorted((e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith('.')), key=natural_key)
+    return [n for n in names if not has_image(os.path.join(folder, n))]
+
+
 def _folder_reader(folder, class_to_idx=None):
     try:
-        return ReaderImageFolder(folder, class_map=class_to_idx or '')
+        reader = ReaderImageFolder(folder, class_map=class_to_idx or '')
     except RuntimeError:  # timm's "Found 0 images in subfolders of ..."
         raise UserInputError(f"data folder {folder} contains no images "
                              f"(expected <class>/<image> sub-folders)") from None
+    empty = empty_class_folders(folder)
+    if empty:
+        _logger.warning(f"{folder}: class folder(s) without images, not used as classes: {', '.join(empty)}")
+    return reader
 
 
 def build_datasets(args):

@@ -12,6 +12,7 @@ from timm.utils import AverageMeter, accuracy, reduce_tensor
 from .. import models  # noqa: F401  (registers the visionattn_* models in timm)
 from .checkpoint import read_weights
 from .errors import UserInputError
+from .progress import DEFAULT_INTERVAL, Progress
 
 _logger = logging.getLogger('train')
 
@@ -91,14 +92,18 @@ def load_model_state(model, state_dict, source, arch):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, autocast, channels_last=False, distributed=False, collect=False):
-    """Top-1/top-5 accuracy (%) and mean cross-entropy over the loader, summed over all ranks.
+def evaluate(model, loader, device, autocast, channels_last=False, distributed=False, collect=False, progress=True,
+             interval=DEFAULT_INTERVAL):
+    """Top-1/top-k accuracy (%, k = min(5, classes), reported as ``top5`` with ``k``) and mean cross-entropy over
+    the loader, summed over all ranks; a progress bar (or lines, off a terminal) when ``progress``.
 
     With ``collect`` also returns this rank's predictions and targets (for a confusion matrix).
     """
     model.eval()
     loss_m, top1_m, top5_m = AverageMeter(), AverageMeter(), AverageMeter()
     predictions, targets = [], []
+    k = 5
+    bar = Progress(len(loader), 'eval', enabled=progress, interval=interval)
     for images, target in loader:
         images, target = images.to(device), target.to(device)
         if channels_last:
@@ -106,7 +111,8 @@ def evaluate(model, loader, device, autocast, channels_last=False, distributed=F
         with autocast():
             output = model(images)
         output = output.float()
-        acc1, acc5 = accuracy(output, target, topk=(1, min(5, output.shape[1])))
+        k = min(5, output.shape[1])
+        acc1, acc5 = accuracy(output, target, topk=(1, k))
         n = images.shape[0]
         loss_m.update(F.cross_entropy(output, target).item(), n)
         top1_m.update(acc1.item(), n)
@@ -114,12 +120,14 @@ def evaluate(model, loader, device, autocast, channels_last=False, distributed=F
         if collect:
             predictions.append(output.argmax(1).cpu())
             targets.append(target.cpu())
+        bar.update(top1=f'{top1_m.avg:.2f}')
+    bar.close()
     sums = torch.tensor([loss_m.sum, top1_m.sum, top5_m.sum, loss_m.count], dtype=torch.float64)
     if distributed:
         sums = reduce_tensor(sums, 1)
     count = max(sums[3].item(), 1)
     metrics = {'loss': sums[0].item() / count, 'top1': sums[1].item() / count, 'top5': sums[2].item() / count,
-               'count': int(sums[3].item())}
+               'count': int(sums[3].item()), 'k': k}
     if collect:
         return metrics, torch.cat(predictions) if predictions else torch.empty(0), \
             torch.cat(targets) if targets else torch.empty(0)

@@ -29,7 +29,9 @@ import functools
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from datetime import datetime
 
@@ -44,13 +46,13 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import (AverageMeter, ModelEmaV3, NativeScaler, dispatch_clip_grad, distribute_bn,
                         get_state_dict, init_distributed_device, random_seed, reduce_tensor, setup_default_logging,
                         unwrap_model)
-from tqdm import tqdm
 
 from .checkpoint import (AtomicCheckpointSaver, find_resume_checkpoint, load_scheduler_state, progress, rng_state,
                          scheduler_state, set_rng_state)
 from .data import AugmentedDataset, StrictImageDataset, build_datasets, build_transform, create_loader
 from .errors import ArgumentParser, ParseKwargs, UserInputError, error_message
 from .model import check_model_name, create_model, evaluate, load_model_state
+from .progress import DEFAULT_INTERVAL, Progress
 
 _logger = logging.getLogger('train')
 
@@ -107,7 +109,7 @@ def build_parser():
     g.add_argument('--val-csv', default=None, help='CSV with path,label columns for evaluation')
     g.add_argument('--dataset-download', action=flag, default=False, help='let torch/ datasets download')
     g.add_argument('--skip-bad-images', action=flag, default=False,
-                   help='decode every image up front and skip (and count) unreadable ones instead of failing')
+                   help='skip (and count) the images that the up-front check finds unreadable instead of failing on them')
     g.add_argument('-j', '--workers', type=int, default=4, help='data loading worker processes')
     g.add_argument('--pin-mem', action=flag, default=False)
     g = p.add_argument_group('model')
@@ -175,7 +177,10 @@ def build_parser():
     g.add_argument('--experiment', default=None, help='experiment folder name (default <time>-<model>-<size>)')
     g.add_argument('--checkpoint-hist', type=int, default=3, help='number of best epoch checkpoints kept')
     g.add_argument('--recovery-interval', type=int, default=0, help='write a recovery checkpoint every N batches')
-    g.add_argument('--eval-metric', default='top1', choices=['top1', 'top5', 'loss'])
+    g.add_argument('--eval-metric', default='top1', choices=['top1', 'top5', 'loss'],
+                   help='top5 is top-k with k = min(5, classes)')
+    g.add_argument('--progress-interval', type=float, default=DEFAULT_INTERVAL,
+                   help='seconds between progress lines when the output is not a terminal (a bar on a terminal)')
     g.add_argument('--resume', default='', help='checkpoint file, or run folder (newest readable checkpoint)')
     return p
 
@@ -279,8 +284,18 @@ def plain(value):
     return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT / SIGTERM during training, after the recovery (or epoch) checkpoint to resume from was written."""
+
+    def __init__(self, signum, out_dir):
+        self.signum, self.out_dir = signum, out_dir
+        super().__init__(f"{signal.Signals(signum).name}: stopped after writing a checkpoint in {out_dir}; "
+                         f"continue with: python tools/train.py --resume {out_dir}")
+
+
 class Trainer:
     """Holds one run's model, optimisation state and progress; the loops are ours, the pieces are timm's."""
+    stop_signal = 0  # the signal that asked training to stop (see signals_checkpoint)
 
     def __init__(self, args, ckpt=None, resume_file=None):
         self.args = args
@@ -329,13 +344,11 @@ class Trainer:
         """Datasets (optionally without unreadable images) and the class count."""
         args = self.args
         train_base, val_base, self.class_names = build_datasets(args)
-        if args.skip_bad_images:
-            for ds in (train_base, val_base):
-                if not isinstance(ds, StrictImageDataset):
-                    raise UserInputError("--skip-bad-images works with --data-dir and CSV data only")
-                bad = ds.drop_unreadable(max(1, args.workers))
-                if bad:
-                    _logger.warning(f"skipped {len(bad)} unreadable image(s), e.g. {bad[:3]}")
+        for ds in (train_base, val_base):
+            if isinstance(ds, StrictImageDataset):
+                ds.check_images(args.skip_bad_images, max(1, args.workers))
+            elif args.skip_bad_images:
+                raise UserInputError("--skip-bad-images works with --data-dir and CSV data only")
         found = len(self.class_names) if self.class_names else None
         if args.num_classes is None and found is None:
             raise UserInputError("the dataset does not expose its classes; give --num-classes")
@@ -531,9 +544,8 @@ class Trainer:
         if self.mixup is not None and args.mixup_off_epoch and self.epoch >= args.mixup_off_epoch:
             self.mixup.mixup_enabled = False
         self.model.train()
-        with tqdm(total=self.batches_per_epoch, initial=self.batches_done, desc=f'epoch {self.epoch}',
-                  disable=True if not self.primary else None,  # None: no bar when not a terminal
-                  dynamic_ncols=True, leave=False) as bar:
+        with Progress(self.batches_per_epoch, f'epoch {self.epoch}', initial=self.batches_done,
+                      enabled=self.primary, interval=args.progress_interval) as bar:
             for batch_idx, (images, target) in enumerate(self.train_loader, start=self.batches_done):
                 images, target = images.to(self.device), target.to(self.device)
                 if self.mixup is not None:
@@ -543,8 +555,10 @@ class Trainer:
                 update = (batch_idx + 1) % args.grad_accum_steps == 0 or batch_idx + 1 == self.batches_per_epoch
                 self.train_loss.update(self.train_step(images, target, update), images.shape[0])
                 self.batches_done = batch_idx + 1
-                bar.update()
-                bar.set_postfix(loss=f'{self.train_loss.avg:.4f}', lr=f'{self.lr():.2e}')
+                bar.update(loss=f'{self.train_loss.avg:.4f}', lr=f'{self.lr():.2e}')
+                if update and self.batches_done < self.batches_per_epoch and self.stop_requested():
+                    self.checkpoint()
+                    raise TrainingInterrupted(self.stop_signal, self.out_dir)
                 if (args.recovery_interval and update and self.batches_done % args.recovery_interval == 0
                         and self.batches_done < self.batches_per_epoch):
                     self.checkpoint()
@@ -553,8 +567,43 @@ class Trainer:
             sums = reduce_tensor(sums, 1)
         return sums[0].item() / max(sums[1].item(), 1)
 
+    def _on_signal(self, signum, frame):
+        if self.stop_signal:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        if self.primary:
+            _logger.warning(f"{signal.Signals(signum).name}: writing a checkpoint after this batch, then stopping "
+                            f"(send it again to stop at once)")
+
+    def stop_requested(self):
+        """Whether a signal asked to stop (on any rank: the ranks agree, so they checkpoint at the same batch)."""
+        if self.distributed:
+            flag = torch.tensor([self.stop_signal], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.stop_signal = int(flag.item())
+        return bool(self.stop_signal)
+
+    @contextlib.contextmanager
+    def signals_checkpoint(self):
+        """Within: SIGINT and SIGTERM end training cleanly at the next batch, after a recovery checkpoint."""
+        self.stop_signal = 0
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
     def run(self):
-        """Train the remaining epochs, evaluating, checkpointing and reporting after each; returns the last row."""
+        """Train the remaining epochs, evaluating, checkpointing and reporting after each; returns the last row.
+        SIGINT / SIGTERM: a recovery checkpoint, then :class:`TrainingInterrupted`."""
+        with self.signals_checkpoint():
+            return self._run()
+
+    def _run(self):
         args = self.args
         start = time.time()
         if self.epoch >= self.num_epochs:
@@ -567,11 +616,13 @@ class Trainer:
                 distribute_bn(self.model, self.world_size, args.dist_bn == 'reduce')
             row = {'epoch': self.epoch, 'train_loss': train_loss}
             eval_args = (self.val_loader, self.device, self.autocast, args.channels_last, self.distributed)
-            row.update({f'eval_{k}': v for k, v in evaluate(self.eval_model, *eval_args).items() if k != 'count'})
+            eval_kw = dict(progress=self.primary, interval=args.progress_interval)
+            row.update({f'eval_{k}': v for k, v in evaluate(self.eval_model, *eval_args, **eval_kw).items()
+                        if k not in ('count', 'k')})
             metric = row[f'eval_{args.eval_metric}']
             if self.ema is not None:
-                row.update({f'ema_eval_{k}': v for k, v in evaluate(self.ema.module, *eval_args).items()
-                            if k != 'count'})
+                row.update({f'ema_eval_{k}': v for k, v in evaluate(self.ema.module, *eval_args, **eval_kw).items()
+                            if k not in ('count', 'k')})
                 metric = row[f'ema_eval_{args.eval_metric}']
             row['lr'] = self.lr()
             row['epoch_time'] = time.time() - epoch_start
@@ -585,10 +636,13 @@ class Trainer:
                 _logger.info(' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()))
             self.epoch, self.batches_done, self.epoch_complete = self.epoch + 1, 0, False
             self.train_loss.reset()
+            if self.epoch < self.num_epochs and self.stop_requested():  # the epoch checkpoint is the resume point
+                raise TrainingInterrupted(self.stop_signal, self.out_dir)
         if self.primary and self.history:
             last = self.history[-1]
             _logger.info(f"done in {time.time() - start:.1f}s: val top-1 {last['eval_top1']:.2f}%, "
-                         f"top-5 {last['eval_top5']:.2f}%, loss {last['eval_loss']:.4f}; output in {self.out_dir}")
+                         f"top-{min(5, self.num_classes)} {last['eval_top5']:.2f}%, loss {last['eval_loss']:.4f}; "
+                         f"output in {self.out_dir}")
         return self.history[-1] if self.history else None
 
 
@@ -638,6 +692,9 @@ def main(argv=None):
     except UserInputError as e:
         _logger.error(error_message(e))
         sys.exit(2)
+    except TrainingInterrupted as e:
+        _logger.warning(str(e))
+        sys.exit(128 + e.signum)  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -116,10 +116,8 @@ def validate(args):
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     dataset, class_names = build_eval_dataset(args, class_names)
-    if args.skip_bad_images and isinstance(dataset, StrictImageDataset):
-        bad = dataset.drop_unreadable(max(1, args.workers))
-        if bad:
-            _logger.warning(f"skipped {len(bad)} unreadable image(s), e.g. {bad[:3]}")
+    if isinstance(dataset, StrictImageDataset):
+        dataset.check_images(args.skip_bad_images, max(1, args.workers))
     if class_names and len(class_names) > model.num_classes:
         raise UserInputError(f"the data has {len(class_names)} classes but the model predicts {model.num_classes}")
     loader = create_loader(AugmentedDataset(dataset, build_transform(data_config)), args.batch_size, False, args)
@@ -132,8 +130,8 @@ def validate(args):
     elapsed = time.time() - start
     metrics.update(model=arch, checkpoint=args.checkpoint, img_size=data_config['input_size'][-1],
                    img_per_sec=metrics['count'] / elapsed)
-    _logger.info(f"{arch} on {metrics['count']} images: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
-                 f"loss {metrics['loss']:.4f}  {metrics['img_per_sec']:.1f} img/s")
+    _logger.info(f"{arch} on {metrics['count']} images: top-1 {metrics['top1']:.2f}%  "
+                 f"top-{metrics['k']} {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  {metrics['img_per_sec']:.1f} img/s")
     if args.confusion_matrix:
         names = class_names or [str(i) for i in range(model.num_classes)]
         plot_confusion(targets.numpy(), predictions.numpy(), names, args.confusion_matrix)
