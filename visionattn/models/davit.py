@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, get_act_layer, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, calculate_drop_path_rates, get_act_layer, trunc_normal_
 from timm.layers.activations import GELU as TimmGELU
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features_fx import register_notrace_function, register_notrace_module
@@ -257,7 +257,7 @@ class DaViT(HierarchicalBackbone):
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         act_layer = get_act_layer(act_layer)
         # official: one rate per spatial/channel block, linear over all 2 * sum(depths) of them
-        dpr = torch.linspace(0, drop_path_rate, 2 * sum(depths), device='cpu').tolist()
+        dpr = calculate_drop_path_rates(drop_path_rate, 2 * sum(depths))
 
         stem = Stem(in_chans, embed_dims[0], norm_layer=norm_layer, **dd)
         stages = []

@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, Mlp, PatchEmbed, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates, PatchEmbed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
@@ -431,7 +431,7 @@ class NAT(HierarchicalBackbone):
         block_dilations = _resolve_dilations(dilations, depths)
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         dims = [int(embed_dim * 2 ** i) for i in range(num_stages)]
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist() if sum(depths) else []
+        dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))
 
         if layout == 'nat':
             stem = ConvTokenizer(in_chans, dims[0], norm_layer=norm_layer, **dd)

@@ -25,7 +25,7 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d
+from timm.layers import DropPath, LayerNorm2d, calculate_drop_path_rates
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers.conv_pos_enc import ConvPosEnc
@@ -197,8 +197,7 @@ class Twins(HierarchicalBackbone):
                               ('sr_ratios', sr_ratios)) + ((('window_sizes', window_sizes),) if window_sizes else ()):
             if len(arg) != num_stages:
                 raise ValueError(f'{arg_name} has {len(arg)} entries, expected one per stage ({num_stages})')
-        # on CPU, also under a torch.device('meta') context (a meta tensor has no values to list)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist() if sum(depths) else []
+        dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))  # on CPU: also under a meta-device context
 
         stem = TwinsPatchEmbed(in_chans, embed_dims[0], patch_size, eps=1e-5, drop=pos_drop_rate, **dd)
         stages = []
