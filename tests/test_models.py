@@ -178,7 +178,8 @@ def test_reset_classifier(name):
         assert out.shape == (2, model.head_hidden_size)
         pool = _other_pool(model)
         model.reset_classifier(5, pool)
-        assert model.global_pool == pool and model.num_classes == 5
+        # timm's CNNs keep the pool as a SelectAdaptivePool2d module, the transformers as a string
+        assert getattr(model.global_pool, 'pool_type', model.global_pool) == pool and model.num_classes == 5
         out = model(x)
         # without pooling a plain model classifies every token
         assert out.shape == ((2, feat.shape[1], 5) if pool == '' else (2, 5))
@@ -305,10 +306,12 @@ def test_fx_trace(name):
         pytest.skip(f'cannot be traced by torch.fx: {FX_EXCLUDE[name]}')
     from timm.models._features_fx import create_feature_extractor
     model = _create(name).eval()
-    fx_model = create_feature_extractor(model, return_nodes=['head'] if 'head' in dict(model.named_modules()) else None)
+    # the logits: the transformers' 'head' module, the CNNs' classifier ('fc' / 'classifier')
+    node = 'head' if 'head' in dict(model.named_modules()) else model.pretrained_cfg['classifier']
+    fx_model = create_feature_extractor(model, return_nodes=[node])
     x = torch.randn(1, 3, *_input_size(name))
     with torch.no_grad():
-        torch.testing.assert_close(fx_model(x)['head'], model(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fx_model(x)[node], model(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('name', COMPILE_MODELS)

@@ -1,3 +1,6 @@
 """Attention and token-mixing layers shared by the visionattn families."""
 from .conv_pos_enc import ConvPosEnc
 from .window_attention import WindowAttention, pad_to_multiple
+from .cbam import CBAM
+from .ela import ELA
+from .triplet_attention import TripletAttention
