@@ -368,7 +368,8 @@ def test_official_checkpoint_loads(tmp_path, container):
         assert torch.equal(v, expected[k]), f'{k} differs from the file'
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)
+        expected = ref(x)
+        assert (model(x) - expected).abs().max() <= 1e-5 * expected.abs().max()  # fp32, other conv algorithms
 
 
 def test_official_training_file_loads(tmp_path):
@@ -382,7 +383,8 @@ def test_official_training_file_loads(tmp_path):
                               pretrained_cfg_overlay=dict(file=str(path))).eval()
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)
+        expected = ref(x)
+        assert (model(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def test_filter_rejects_incomplete_checkpoint():
@@ -434,7 +436,7 @@ def test_module_matches_official(case, train):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize('module', [CBAM(32), TripletAttention(32), ELA(32, 'S')], ids=['cbam', 'triplet', 'ela'])
+@pytest.mark.parametrize('module', [CBAM(32), ELA(32, 'S')], ids=['cbam', 'ela'])
 def test_inplace_only_without_autograd(module):
     """inplace=True scales the input buffer when no graph is recorded, and equals the out-of-place result;
     with autograd the input is left untouched."""
@@ -552,7 +554,8 @@ def test_timm_resnet_attn_layer(arch, layer):
     assert all(p.grad is not None for p in model.parameters())
     kind = {CBAM: 'cbam', TripletAttention: 'triplet'}.get(layer)
     if kind:
-        ours = perturb_(timm.create_model(f'visionattn_{arch}_{kind}', num_classes=10)).eval()
+        # NCHW like timm's model, so that the same conv algorithms run: identical logits
+        ours = perturb_(timm.create_model(f'visionattn_{arch}_{kind}', num_classes=10, channels_last=False)).eval()
         model.load_state_dict(ours.state_dict())
         x = torch.randn(2, 3, 64, 80)
         with torch.no_grad():
@@ -576,3 +579,45 @@ def test_mobilenetv2_attn_layer_swap(layer, position):
 def test_resnet_attn_swap_through_block_args():
     model = timm.create_model('visionattn_resnet50_cbam', block_args=dict(attn_layer='se'), device='meta')
     assert type(model.layer1[0].se).__name__ == 'SEModule'
+
+
+# ------------------------------------------------------------------------------------------
+# the layout-aware reductions the gates use
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
+@pytest.mark.parametrize('dims', [[1], [2], [3], [2, 3]])
+def test_reductions_equal_torch(dims, channels_last):
+    """max_over / mean_over = amax / mean (values, result layout, gradients) in both memory formats."""
+    from visionattn.layers.reduce import max_over, mean_over
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for ours, ref in ((max_over, lambda t: t.amax(dims)), (mean_over, lambda t: t.mean(dims))):
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, expected = ours(a, dims), ref(b)
+        assert out.shape == expected.shape
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(expected)
+        out.backward(g)
+        expected.backward(g)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: max_over(t, dims), (x.clone().requires_grad_(),))
+
+
+def test_max_gradient_is_shared_between_ties():
+    from visionattn.layers.reduce import max_over
+    x = torch.tensor([[[[1.0, 3.0, 3.0]]]]).requires_grad_()
+    max_over(x, [3]).sum().backward()
+    assert x.grad.flatten().tolist() == [0.0, 0.5, 0.5]
+
+
+@pytest.mark.parametrize('case', ['cbam', 'triplet', 'ela_L'])
+def test_module_matches_official_channels_last(case):
+    """The modules on a channels-last input (as inside the models) equal the official ones on the same values."""
+    ours_fn, ref_fn = MODULE_CASES[case]
+    ref = perturb_(ref_fn(), seed=3).eval()
+    ours = ours_fn().eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 64, 11, 9)
+    torch.testing.assert_close(ours(x.contiguous(memory_format=torch.channels_last)), ref(x), rtol=1e-6, atol=1e-6)

@@ -13,6 +13,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .reduce import max_over, mean_over
+
+torch.fx.wrap('max_over')  # leaves for torch.fx.symbolic_trace too (timm's tracer knows them already)
+torch.fx.wrap('mean_over')
+
 __all__ = ['CBAM', 'ChannelGate', 'SpatialGate', 'ConvBN', 'zpool']
 
 
@@ -22,7 +27,7 @@ def zpool(x: torch.Tensor, dim: int) -> torch.Tensor:
     ``x`` is ``[B, C, H, W]``; pooling over ``dim`` 1, 2 or 3 gives ``[B, 2, H, W]``,
     ``[B, 2, C, W]`` or ``[B, 2, C, H]`` (max first, then mean).
     """
-    return torch.stack((x.amax(dim), x.mean(dim)), dim=1)
+    return torch.stack((max_over(x, [dim]), mean_over(x, [dim])), dim=1)
 
 
 class ConvBN(nn.Module):
@@ -79,7 +84,7 @@ class ChannelGate(nn.Module):
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """The ``[B, C]`` channel weights (one MLP call on the stacked avg- and max-pooled vectors)."""
         b = x.shape[0]
-        both = self.mlp(torch.cat((x.mean((2, 3)), x.amax((2, 3))), dim=0))
+        both = self.mlp(torch.cat((mean_over(x, [2, 3]), max_over(x, [2, 3])), dim=0))
         return torch.sigmoid(both[:b] + both[b:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,6 +105,8 @@ class CBAM(nn.Module):
         rd_ratio: timm's name for ``1 / reduction`` (``create_attn`` passes it for SE-style
             modules); overrides ``reduction`` when given.
     """
+
+    _abbr_ = 'cbam'  # name in mmdet ResNet blocks (mmcv plugin abbreviation) = the official block attribute
 
     def __init__(
             self,

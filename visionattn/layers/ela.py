@@ -15,6 +15,9 @@ import torch
 import torch.nn as nn
 
 from .cbam import _reject_unknown
+from .reduce import mean_over
+
+torch.fx.wrap('mean_over')  # a leaf for torch.fx.symbolic_trace too
 
 __all__ = ['ELA', 'ELA_VARIANTS']
 
@@ -33,6 +36,8 @@ class ELA(nn.Module):
         inplace: when gradients are off, scale the input tensor in place (set by the models, where the
             input is a block's private intermediate). Never used when autograd records.
     """
+
+    _abbr_ = 'ela'  # name in mmdet ResNet blocks (mmcv plugin abbreviation)
 
     def __init__(
             self,
@@ -76,8 +81,8 @@ class ELA(nn.Module):
         return torch.sigmoid(self.gn(self.conv(strip)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a_h = self.strip_attention(x.mean(3)).unsqueeze(3)        # [B, C, H, 1]
-        a_w = self.strip_attention(x.mean(2)).unsqueeze(2)        # [B, C, 1, W]
+        a_h = self.strip_attention(mean_over(x, [3])).unsqueeze(3)        # [B, C, H, 1]
+        a_w = self.strip_attention(mean_over(x, [2])).unsqueeze(2)        # [B, C, 1, W]
         if self.inplace and not torch.is_grad_enabled():
             return x.mul_(a_h).mul_(a_w)
         return x * a_h * a_w

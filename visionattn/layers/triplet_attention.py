@@ -7,8 +7,8 @@ for the H-C branch ``ChannelGateW``, none for the H-W branch ``SpatialGate``), g
 the output is the mean of the three gated tensors.
 
 Here the rotations are never materialised: pooling ``x`` over H (W) gives exactly the C-W (H-C) map the
-rotated gate pools, and the three ``[B, 1, ., .]`` maps are broadcast back onto ``x`` in one product,
-``x * (a_cw + a_hc + a_hw) / 3``. Sub-module names are the official ones (``MODELS/triplet_attention.py``,
+rotated gate pools, and the three small maps (the 1/3 folded in) are broadcast back onto ``x`` in three
+passes, ``x * a_hw`` then two in-place ``addcmul_``. Sub-module names are the official ones (``MODELS/triplet_attention.py``,
 the names of the released checkpoints): ``ChannelGateH``, ``ChannelGateW``, ``SpatialGate``, each with
 ``spatial.{conv,bn}``.
 """
@@ -28,16 +28,15 @@ class TripletAttention(nn.Module):
             has no channel-dependent parameters (3 gates x (2 k^2 + 2) parameters).
         kernel_size: gate kernel (official code: 7; the README also reports k=3 checkpoints).
         no_spatial: drop the H-W branch and average the two rotated ones (official option).
-        inplace: when gradients are off, write the result into the input tensor (set by the
-            models, where the input is a block's private intermediate). Never used when autograd records.
     """
+
+    _abbr_ = 'triplet_attention'  # name in mmdet ResNet blocks (mmcv plugin abbreviation) = the official one
 
     def __init__(
             self,
             channels: int = 0,
             kernel_size: int = 7,
             no_spatial: bool = False,
-            inplace: bool = False,
             device=None,
             dtype=None,
             **kwargs,
@@ -45,22 +44,19 @@ class TripletAttention(nn.Module):
         super().__init__()
         _reject_unknown('TripletAttention', kwargs)
         dd = dict(device=device, dtype=dtype)
-        self.inplace = inplace
         self.ChannelGateH = SpatialGate(kernel_size, **dd)
         self.ChannelGateW = SpatialGate(kernel_size, **dd)
         # official ResNet init: BN weights whose name contains 'SpatialGate' start at 0
         self.SpatialGate = None if no_spatial else SpatialGate(kernel_size, 0.0, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = 0.5 if self.SpatialGate is None else 1.0 / 3.0  # the mean, folded into the small maps
         # the C-W gate sees [B, 2, C, W] (H pooled), the H-C gate [B, 2, H, C] (W pooled), as rotated officially
-        a_cw = self.ChannelGateH.gate(zpool(x, 2)).transpose(1, 2)                        # [B, C, 1, W]
-        a_hc = self.ChannelGateW.gate(zpool(x, 3).transpose(2, 3)).permute(0, 3, 2, 1)    # [B, C, H, 1]
-        gate = a_cw + a_hc                                                                # [B, C, H, W]
-        if self.SpatialGate is not None:
-            gate = gate + self.SpatialGate.gate(zpool(x, 1))                              # + [B, 1, H, W]
-            gate = gate * (1.0 / 3.0)
+        a_cw = self.ChannelGateH.gate(zpool(x, 2)).transpose(1, 2) * weight                        # [B, C, 1, W]
+        a_hc = self.ChannelGateW.gate(zpool(x, 3).transpose(2, 3)).permute(0, 3, 2, 1) * weight    # [B, C, H, 1]
+        if self.SpatialGate is None:
+            out = x * a_cw
         else:
-            gate = gate * 0.5
-        if self.inplace and not torch.is_grad_enabled():
-            return x.mul_(gate)
-        return x * gate
+            out = x * (self.SpatialGate.gate(zpool(x, 1)) * weight)                                 # [B, 1, H, W]
+            out = out.addcmul_(x, a_cw)  # keep the result: fx's dead-code pass drops an unused in-place call
+        return out.addcmul_(x, a_hc)

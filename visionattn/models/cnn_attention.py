@@ -39,7 +39,8 @@ from visionattn.layers.triplet_attention import TripletAttention
 
 from ._builder import check_input, check_state_dict, remap_keys, unwrap_state_dict
 
-__all__ = ['AttentionResNet', 'AttentionMobileNetV2', 'Conv2AttentionBottleneck', 'checkpoint_filter_fn']
+__all__ = ['AttentionResNet', 'AttentionMobileNetV2', 'Conv2AttentionBottleneck', 'checkpoint_filter_fn',
+           'mmdet_resnet_state_dict']
 
 MIN_INPUT_SIZE = 32  # the networks' total stride: smaller images leave the last stages on padding only
 
@@ -73,12 +74,24 @@ class Conv2AttentionBottleneck(Bottleneck):
             act=self.act2, attn=create_attn(attn_layer, self.conv2.out_channels, **dd)))
 
 
-class AttentionResNet(ResNet):
-    """timm's ``ResNet`` (torchvision layout) with an attention module in every block; checks its input."""
+def use_channels_last(model: nn.Module, enable: bool) -> None:
+    """Store the conv weights channels-last: oneDNN (CPU) and cuDNN then run every conv, and the gates between
+    them, on channels-last activations (the first conv turns an NCHW input into channels-last output). Shapes
+    and values are unchanged; outputs are NCHW-shaped tensors with channels-last strides."""
+    if enable:
+        model.to(memory_format=torch.channels_last)
 
-    def __init__(self, *args, **kwargs):
+
+class AttentionResNet(ResNet):
+    """timm's ``ResNet`` (torchvision layout) with an attention module in every block; checks its input.
+
+    ``channels_last`` (default True): see :func:`use_channels_last`.
+    """
+
+    def __init__(self, *args, channels_last: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.conv1 = InputCheckConv2d(self.conv1, MIN_INPUT_SIZE)
+        use_channels_last(self, channels_last)
 
     def no_weight_decay(self):
         """No position tables; biases and norm weights (1-D) are excluded by timm's optimizer factory."""
@@ -101,14 +114,15 @@ class AttentionMobileNetV2(EfficientNet):
     """timm's MobileNetV2 (ReLU6, 1280 head) with an attention module per block; checks its input.
 
     Args:
-        attn_layer: ``attn_layer(channels, inplace=True)`` builds the module.
+        attn_layer: ``attn_layer(channels, **device_dtype)`` builds the module.
         attn_position: ``'dw'`` -- after the depthwise conv + BN + ReLU6 of every block with expansion > 1,
             on the expanded width (timm's ``se`` slot); ``'out'`` -- after the pw-linear conv + BN of
             every block, before the identity add (the pw-linear norm's ``act`` slot).
+        channels_last: see :func:`use_channels_last` (default True).
         **kwargs: ``EfficientNet`` arguments (``num_classes``, ``in_chans``, ``drop_rate``, ...).
     """
 
-    def __init__(self, attn_layer: Callable, attn_position: str, **kwargs):
+    def __init__(self, attn_layer: Callable, attn_position: str, channels_last: bool = True, **kwargs):
         if attn_position not in ('dw', 'out'):
             raise ValueError(f"attn_position={attn_position!r}: expected 'dw' or 'out'")
         arch = _MBV2_ARCH
@@ -125,6 +139,7 @@ class AttentionMobileNetV2(EfficientNet):
                 elif isinstance(block, DepthwiseSeparableConv):
                     block.bn2.act = attn_layer(block.bn2.num_features, **dd)
         self.conv_stem = InputCheckConv2d(self.conv_stem, MIN_INPUT_SIZE)
+        use_channels_last(self, channels_last)
 
     def no_weight_decay(self):
         """No position tables; biases and norm weights (1-D) are excluded by timm's optimizer factory."""
@@ -177,6 +192,36 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, torch.
         sd = remap_keys(sd, _RESNET_RULES)
         first_conv = 'conv1.weight'
     return check_state_dict(sd, model, source=f'{type(model).__name__} checkpoint', ignore_shape=(first_conv,))
+
+
+def mmdet_resnet_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``model``'s weights (its own layout) as mmdet's ``ResNet`` with the visionattn plugins.
+
+    mmdet names the backbone like torchvision (= timm's ResNet) and each plugin by its ``_abbr_``
+    (``cbam``, ``triplet_attention``, ``ela``), so ``layerN.M.se.`` / ``layerN.M.act2.attn.`` become
+    ``layerN.M.<abbr>.`` -- the official checkpoints' own names. The classifier is dropped. Only
+    bottleneck ResNets map: mmdet's ``BasicBlock`` (ResNet-18/34) takes no plugins.
+    """
+    if not isinstance(model, AttentionResNet) or not isinstance(model.layer1[0], Bottleneck):
+        raise ValueError(
+            f'{getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)}: only the bottleneck '
+            f'ResNets (50/101) map onto mmdet ResNet plugins (mmdet\'s BasicBlock has no plugins); use '
+            f'visionattn.Backbone for the others')
+    rules = []
+    for name, module in model.named_modules():
+        if name.endswith(('.se', '.act2.attn')) and hasattr(module, '_abbr_'):
+            block = name.rsplit('.se', 1)[0] if name.endswith('.se') else name[:-len('.act2.attn')]
+            rules.append((name + '.', f'{block}.{module._abbr_}.'))
+    out = OrderedDict()
+    for k, v in state_dict.items():
+        if k.startswith(model.pretrained_cfg.get('classifier', 'fc') + '.'):
+            continue
+        for src, dst in rules:
+            if k.startswith(src):
+                k = dst + k[len(src):]
+                break
+        out[k] = v
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,7 +296,7 @@ def _resnet_entry(variant, pretrained, depth, attn_layer, kwargs):
 
 
 _CBAM_LAYER = partial(CBAM, reduction=16, inplace=True)
-_TRIPLET_LAYER = partial(TripletAttention, kernel_size=7, inplace=True)
+_TRIPLET_LAYER = partial(TripletAttention, kernel_size=7)
 
 
 @register_model
