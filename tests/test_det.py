@@ -64,6 +64,7 @@ SMALLEST = {
     'dinat': ('visionattn_dinat_mini', ('nat', 'dinat_mini'), 'dinat_mini'),
     'dinat_s': ('visionattn_dinat_s_tiny', ('nat', 'dinat_s_tiny'), None),
     'nat_isotropic': ('visionattn_nat_isotropic_small', ('nat', 'nat_isotropic_small'), None),
+    'cnn_attention': ('visionattn_resnet18_cbam', ('cbam', 'resnet18_cbam'), None),
 }
 REGISTERED = set(visionattn.list_models())
 LANDED = [f for f, (m, _, _) in SMALLEST.items() if m in REGISTERED]
@@ -169,6 +170,65 @@ def test_frozen_stages_and_norm_eval(family):
         VisionAttnBackbone(model_name, frozen_stages=9, device='meta')
 
 
+# timm CNNs: levels = the stride-4..32 feature_info taps, frozen_stages cut in forward order
+CNN_STAGES = {  # model: (channels, stages' module names, official layout)
+    'visionattn_resnet18_cbam': (
+        [64, 128, 256, 512],
+        [['conv1', 'bn1', 'act1', 'maxpool'], ['layer1'], ['layer2'], ['layer3'], ['layer4']],
+        ('cbam', 'resnet18_cbam')),
+    'visionattn_mobilenetv2_ela_l': (  # has ``blocks`` but is hierarchical
+        [24, 32, 96, 320],
+        [['conv_stem', 'bn1', 'blocks.0'], ['blocks.1'], ['blocks.2'], ['blocks.3', 'blocks.4'], ['blocks.5', 'blocks.6']],
+        ('ela', 'mbv2_ela72')),
+}
+
+
+@pytest.mark.parametrize('model_name', [m for m in CNN_STAGES if m in REGISTERED])
+def test_cnn_levels_and_frozen_stages(model_name, tmp_path):
+    channels, stages, layout = CNN_STAGES[model_name]
+    assert not family_for(model_name).plain and family_for(model_name).out_norm_eps is None
+    bb = MODELS.build(_bb_cfg(model_name, frozen_stages=2, with_cp=True))
+    assert bb.out_channels == channels and bb.out_strides == [4, 8, 16, 32] and not bb.out_norms
+    assert bb.feature_info == [dict(num_chs=c, reduction=4 * 2 ** i, level=i) for i, c in enumerate(channels)]
+    assert backbone_channels(model_name) == channels and bb.model.grad_checkpointing
+    assert bb._stage_paths == stages
+    assert not hasattr(bb.model, 'fc') or isinstance(bb.model.fc, nn.Identity)  # head pruned
+    bb.train()
+    named = dict(bb.model.named_modules())
+    for k, paths in enumerate(stages):
+        for path in paths:
+            frozen = k <= 2
+            assert all(p.requires_grad != frozen for p in named[path].parameters()), path
+            assert all(m.training != frozen for m in named[path].modules()), path
+    outs = bb(torch.randn(1, 3, 64, 96))
+    assert [tuple(o.shape[1:]) for o in outs] == [(c, 16 // 2 ** i, 24 // 2 ** i) for i, c in enumerate(channels)]
+    sum(o.sum() for o in outs).backward()
+    assert all((p.grad is not None) == p.requires_grad for p in bb.model.parameters())
+    # fewer levels: the tail is pruned, the stages of the pruned levels are empty
+    sub = VisionAttnBackbone(model_name, out_indices=(0, 1), frozen_stages=4, device='meta')
+    assert sub.out_channels == channels[:2] and not any(p for m in sub._stage_modules(4) for p in m.parameters())
+    bns = [m for m in VisionAttnBackbone(model_name, norm_eval=True, device='meta').train().modules()
+           if isinstance(m, nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    # the official container ({'state_dict': {'module.<official key>': ...}}) through the family filter
+    sd = random_state_dict(load_layout(*layout))
+    torch.save(wrap(sd, 'module'), tmp_path / 'official.pth')
+    report = bb.load_pretrained(str(tmp_path / 'official.pth'))
+    assert sorted(report.loaded) == sorted(bb.model.state_dict()) and not report.new
+    assert sum(v.numel() for v in bb.model.state_dict().values()) == sum(
+        v.numel() for k, v in sd.items() if not k.startswith(('fc.', 'classifier.', 'conv.', 'features.18.')))
+    assert all(not p.requires_grad for p in bb._stage_modules(0)[0].parameters())  # still frozen
+
+
+def test_generic_recipe_plain_guess():
+    """Without a DET_FAMILIES line: plain only for one-stride models, not for a CNN with ``blocks``."""
+    from visionattn.det.families import _generic_family
+    for model_name, plain in (('visionattn_mobilenetv2_ela_l', False), ('visionattn_convit_tiny', True)):
+        if model_name in REGISTERED:
+            with pytest.warns(UserWarning, match='generic'):
+                assert _generic_family.__wrapped__(model_name).plain is plain
+
+
 def test_with_cp_same_output_and_grads():
     family = LANDED[0]
     model_name = SMALLEST[family][0]
@@ -222,10 +282,11 @@ def test_export_roundtrip_matches_forward_intermediates(family, tmp_path, capsys
     out = tmp_path / 'bb'
     assert export_tool.main([str(ckpt), '--model', model_name, '--ema', '-o', str(out)]) == 0
     report = capsys.readouterr().out
-    assert '100.0% of backbone values' in report and 'head.' in report  # classifier dropped, all covered
+    head = cls.pretrained_cfg['classifier'].split('.')[0]  # 'head' ('head.fc'), 'fc', 'classifier'
+    assert '100.0% of backbone values' in report and f'{head}.' in report  # classifier dropped, all covered
     mm = torch.load(str(out) + '_mmdet.pth')
     assert all(k.startswith('backbone.model.') for k in mm['state_dict'])
-    assert not any('.head.' in k or k.startswith('backbone.model.head') for k in mm['state_dict'])
+    assert not any(f'.{head}.' in k or k.startswith(f'backbone.model.{head}') for k in mm['state_dict'])
 
     x = torch.randn(1, 3, 96, 128)
     for path in (str(out) + '_mmdet.pth', str(out) + '.safetensors'):
@@ -388,12 +449,13 @@ def test_mask_rcnn_loss_step():
 
 def test_all_configs_build_with_right_channels_and_no_decay():
     from mmengine.optim import build_optim_wrapper
-    cfgs = sorted((ROOT / 'configs' / 'det').glob('*_coco.py'))
-    assert len(cfgs) == 2 * sum(1 for _, _, stem in SMALLEST.values() if stem)
-    for path in cfgs:
-        cfg = Config.fromfile(str(path))
+    cfgs = {p: Config.fromfile(str(p)) for p in sorted((ROOT / 'configs' / 'det').glob('*_coco.py'))}
+    ours = {p: c for p, c in cfgs.items() if c.model.backbone.type == 'visionattn.Backbone'}
+    # the others are mmdet ResNet + visionattn plugin configs, covered by tests/test_det_plugins.py
+    assert all(c.model.backbone.type == 'ResNet' and c.model.backbone.plugins for p, c in cfgs.items() if p not in ours)
+    assert len(ours) == 2 * sum(1 for _, _, stem in SMALLEST.values() if stem)
+    for path, cfg in ours.items():
         bb = cfg.model.backbone
-        assert bb.type == 'visionattn.Backbone'
         assert cfg.optim_wrapper.optimizer.type == 'AdamW' and cfg.optim_wrapper.optimizer.lr == 1e-4
         assert cfg.optim_wrapper.optimizer.weight_decay == 0.05
         if bb.model_name not in REGISTERED:

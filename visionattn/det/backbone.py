@@ -12,8 +12,8 @@ from timm.layers import LayerNorm2d
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .convert import (
-    LoadReport, create_classifier, detection_model_kwargs, load_checkpoint_file, map_to_backbone,
-    plain_level_blocks, prune_for_detection, select_state_dict)
+    LoadReport, create_classifier, detection_model_kwargs, level_feature_indices, load_checkpoint_file,
+    map_to_backbone, plain_level_blocks, prune_for_detection, select_state_dict)
 from .families import family_for
 
 __all__ = ['VisionAttnBackbone', 'SimplePyramidLevel']
@@ -39,17 +39,45 @@ class SimplePyramidLevel(nn.Sequential):
         super().__init__(*layers)
 
 
+def _forward_paths(model: nn.Module, targets: Sequence[str]) -> List[str]:
+    """Dotted names of ``model``'s children in definition (= forward) order, opening only the
+    containers that hold a ``targets`` module (``blocks`` -> ``blocks.0``, ``blocks.1``, ...)."""
+    paths = []
+
+    def visit(module, prefix):
+        for name, child in module.named_children():
+            path = prefix + name
+            if any(t.startswith(path + '.') for t in targets):
+                visit(child, path + '.')
+            else:
+                paths.append(path)
+    visit(model, '')
+    return paths
+
+
+def _cnn_stage_paths(model: nn.Module, level_modules: Sequence[str]) -> List[List[str]]:
+    """Module names of stages 0..L of a CNN for ``frozen_stages``: stage 0 is everything before the
+    first level's module (the stem), stage ``k`` what follows level ``k-2``'s module up to and
+    including level ``k-1``'s."""
+    paths = _forward_paths(model, level_modules)
+    ends = [paths.index(m) for m in level_modules]
+    cuts = [0, ends[0]] + [e + 1 for e in ends]
+    return [paths[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+
+
 class VisionAttnBackbone(BaseModule):
     """A visionattn classification model as a multi-scale detection backbone.
 
     Args:
         model_name: a registered ``visionattn_*`` model (``visionattn.list_models()``).
         out_indices: output levels; level ``l`` has stride ``4 * 2**l`` (the stages of a
-            hierarchical model; the simple-pyramid levels of a plain ViT).
+            hierarchical model; a CNN's ``feature_info`` taps at strides 4..32; the
+            simple-pyramid levels of a plain ViT).
         frozen_stages: -1 freezes nothing; 0 freezes the stem (patch embedding, position
-            tables); ``k`` also freezes stages 1..k and their output norms (for a plain ViT, the
-            blocks that feed levels 0..k-1). Frozen parts have ``requires_grad=False`` and stay in
-            eval mode after ``.train()``.
+            tables; a CNN's modules before its first level); ``k`` also freezes stages 1..k and
+            their output norms (for a plain ViT, the blocks that feed levels 0..k-1; for a CNN,
+            its modules up to level ``k-1``'s). Frozen parts have ``requires_grad=False`` and
+            stay in eval mode after ``.train()``.
         norm_eval: keep every BatchNorm in eval mode while training.
         with_cp: activation (gradient) checkpointing of the blocks.
         out_norms: add the family's per-output LayerNorms where its official detection backbone
@@ -96,6 +124,8 @@ class VisionAttnBackbone(BaseModule):
         self._arch_kwargs = {k: v for k, v in kwargs.items() if k not in ('device', 'dtype')}
         model = create_classifier(model_name, drop_path_rate=drop_path_rate, **kwargs)
 
+        info = model.feature_info
+        info = info.get_dicts() if hasattr(info, 'get_dicts') else list(info)
         out_indices = tuple(int(i) for i in out_indices)
         if not out_indices or list(out_indices) != sorted(set(out_indices)):
             raise ValueError(f'out_indices={out_indices}: expected increasing, unique level indices')
@@ -111,7 +141,8 @@ class VisionAttnBackbone(BaseModule):
         else:
             if plain_blocks is not None:
                 raise ValueError(f'plain_blocks is only for plain (isotropic) models, not {model_name}')
-            num_levels = len(model.stages)
+            self.level_feats = level_feature_indices(info)
+            num_levels = len(self.level_feats)
         if out_indices[0] < 0 or out_indices[-1] >= num_levels:
             raise ValueError(f'out_indices={out_indices}: {model_name} has {num_levels} levels (0..{num_levels - 1})')
         if not -1 <= frozen_stages <= num_levels:
@@ -122,8 +153,9 @@ class VisionAttnBackbone(BaseModule):
         self.norm_eval = norm_eval
         self.with_cp = with_cp
 
-        info = model.feature_info
-        info = info.get_dicts() if hasattr(info, 'get_dicts') else list(info)
+        # a CNN (no ``stages``): freeze by its modules in forward order, cut at the levels' modules
+        self._stage_paths = None if self.plain or hasattr(model, 'stages') else _cnn_stage_paths(
+            model, [info[i]['module'] for i in self.level_feats])
         if self.plain:
             self._take = [self.level_blocks[lvl] for lvl in out_indices]
             in_stride = info[self._take[0]]['reduction']
@@ -133,9 +165,9 @@ class VisionAttnBackbone(BaseModule):
                 (str(lvl), SimplePyramidLevel(c, in_stride, s))
                 for lvl, c, s in zip(out_indices, self.out_channels, self.out_strides)))
         else:
-            self._take = list(out_indices)
-            self.out_channels = [info[i]['num_chs'] for i in out_indices]
-            self.out_strides = [info[i]['reduction'] for i in out_indices]
+            self._take = [self.level_feats[lvl] for lvl in out_indices]
+            self.out_channels = [info[i]['num_chs'] for i in self._take]
+            self.out_strides = [info[i]['reduction'] for i in self._take]
         self.model = prune_for_detection(model, self._take)
         eps = self.family.out_norm_eps
         self.out_norms = nn.ModuleDict(OrderedDict(
@@ -154,16 +186,18 @@ class VisionAttnBackbone(BaseModule):
     def _stage_modules(self, k: int) -> List[nn.Module]:
         """Modules of stage ``k`` (0 = stem) for freezing."""
         m = self.model
-        if k == 0:
+        if self._stage_paths is not None:  # a CNN; modules pruned away are skipped
+            named = dict(m.named_modules(remove_duplicate=False))
+            mods = [named[p] for p in self._stage_paths[k] if p in named]
+        elif k == 0:
             body = 'blocks' if self.plain else 'stages'
             return [child for name, child in m.named_children() if name != body]
-        mods = []
-        if self.plain:
+        elif self.plain:
             first = 0 if k == 1 else self.level_blocks[k - 2] + 1
             last = self.level_blocks[k - 1]
-            mods += [m.blocks[i] for i in range(first, min(last + 1, len(m.blocks)))]
-        elif k - 1 < len(m.stages):
-            mods.append(m.stages[k - 1])
+            mods = [m.blocks[i] for i in range(first, min(last + 1, len(m.blocks)))]
+        else:
+            mods = [m.stages[k - 1]] if k - 1 < len(m.stages) else []
         if str(k - 1) in self.out_norms:
             mods.append(self.out_norms[str(k - 1)])
         return mods

@@ -29,7 +29,7 @@ from .families import DetFamily, family_for
 
 __all__ = [
     'DET_ONLY_PREFIXES', 'create_classifier', 'detection_model_kwargs', 'prune_for_detection',
-    'stage_depths', 'plain_level_blocks', 'load_checkpoint_file', 'select_state_dict',
+    'stage_depths', 'plain_level_blocks', 'level_feature_indices', 'load_checkpoint_file', 'select_state_dict',
     'map_checkpoint', 'map_to_backbone', 'classifier_prefixes', 'export_state_dict', 'coverage_report', 'LoadReport',
 ]
 
@@ -88,6 +88,12 @@ def detection_model_kwargs(model_name: str, user_kwargs: Optional[Dict] = None,
 def plain_level_blocks(num_blocks: int, num_levels: int = 4) -> List[int]:
     """Blocks feeding pyramid levels 0..3 of a plain model: the last block of each quarter."""
     return [(lvl + 1) * num_blocks // num_levels - 1 for lvl in range(num_levels)]
+
+
+def level_feature_indices(feature_info: Sequence[Dict]) -> List[int]:
+    """``feature_info`` indices of a hierarchical model's levels 0..3 (strides 4..32): its stages,
+    or a CNN's taps after the stride-2 stem tap (skipped)."""
+    return [i for i, f in enumerate(feature_info) if f['reduction'] >= 4]
 
 
 def prune_for_detection(model: nn.Module, take_indices: Sequence[int]) -> nn.Module:
@@ -302,7 +308,8 @@ def backbone_model(model_name: str, levels: Sequence[int] = (0, 1, 2, 3), meta: 
         blocks = plain_level_blocks(len(model.blocks))
         take = [blocks[lvl] for lvl in levels]
     else:
-        take = list(levels)
+        feats = level_feature_indices(model.feature_info)
+        take = [feats[lvl] for lvl in levels]
     return prune_for_detection(model, take), take
 
 

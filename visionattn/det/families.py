@@ -29,6 +29,10 @@ Where the fields come from (``../shared/specs``):
   ``[1, 7, 1, 14]``, stage 3 ``[1, 3, 1, 5, 1, 7]`` repeated, stage 4 ``[1, 3]`` repeated, cut
   to each stage's depth; DiNAT_s (``configs/dinat_s/*``) ``[1, 28]``, ``[1, 14]``, the same stage 3,
   ``[1, 3]``, with a LayerNorm per output as the Swin-style detection backbones.
+* CBAM / Triplet / ELA CNNs (timm ``ResNet`` / MobileNetV2 ``EfficientNet``): levels are the
+  ``feature_info`` taps at strides 4..32 (ResNet ``layer1..4``; MobileNetV2 ``blocks.1/2/4/6``,
+  24/32/96/320 channels), the stride-2 stem tap is skipped; ``frozen_stages`` cuts the modules in
+  forward order after each level's module; BatchNorm (``norm_eval``), no output norms, as mmdet's ResNet.
 """
 import functools
 import re
@@ -109,6 +113,7 @@ DET_FAMILIES: Tuple[DetFamily, ...] = (
     DetFamily('dinat', r'^visionattn_dinat_(?!s_|isotropic)', 'visionattn.models.nat', out_norm_eps=1e-5, no_decay=('rpb',), det_kwargs=_dinat_kwargs),
     DetFamily('dinat_s', r'^visionattn_dinat_s_', 'visionattn.models.nat', out_norm_eps=1e-5, no_decay=('rpb',), det_kwargs=_dinat_s_kwargs),
     DetFamily('nat_isotropic', r'^visionattn_(nat_isotropic|dinat_isotropic|vitrpb)_', 'visionattn.models.nat', out_norm_eps=1e-5, plain=True, no_decay=('rpb', 'relative_position')),
+    DetFamily('cnn_attention', r'^visionattn_(resnet\d+|mobilenetv2)_(cbam|triplet|ela_[a-z])$', 'visionattn.models.cnn_attention'),
 )
 
 
@@ -139,7 +144,9 @@ def _generic_family(model_name: str) -> DetFamily:
                          + (f'; did you mean one of {known}?' if known else '; see visionattn.list_models()'))
     module = timm.models.model_entrypoint(model_name).__module__
     model = timm.create_model(model_name, num_classes=0, device='meta')
-    plain = not hasattr(model, 'stages') and hasattr(model, 'blocks')
+    # isotropic: blocks, no stages, one stride (a CNN with ``blocks`` has strides 2..32)
+    plain = (not hasattr(model, 'stages') and hasattr(model, 'blocks')
+             and len({f['reduction'] for f in model.feature_info}) == 1)
     warnings.warn(
         f'{model_name}: no detection recipe in visionattn.det.families.DET_FAMILIES; using the generic '
         f'one (stage outputs, no output norms{", simple pyramid" if plain else ""}). Add a line for its family '
