@@ -2,7 +2,9 @@
 
 ``import visionattn.det`` (or, in a config,
 ``custom_imports = dict(imports=['visionattn.det'], allow_failed_imports=False)``) registers one
-backbone type in mmdet's ``MODELS`` registry that wraps any ``visionattn_*`` model::
+backbone type in mmdet's ``MODELS`` registry that wraps any ``visionattn_*`` model, and the three CNN attention
+modules as mmdet ResNet plugins (``visionattn.CBAM``, ``visionattn.TripletAttention``, ``visionattn.ELA``;
+see :mod:`visionattn.det.plugins`)::
 
     backbone=dict(type='visionattn.Backbone', model_name='visionattn_nat_tiny', out_indices=(0, 1, 2, 3),
                   frozen_stages=-1, norm_eval=False, with_cp=False, out_norms=True, drop_path_rate=0.2,
@@ -28,11 +30,14 @@ import visionattn  # noqa: F401,E402  (registers the models in timm)
 from .backbone import SimplePyramidLevel, VisionAttnBackbone  # noqa: E402
 from .convert import load_checkpoint_file, select_state_dict  # noqa: E402
 from .families import DET_FAMILIES, DetFamily, family_for  # noqa: E402
+from .plugins import PLUGINS  # noqa: E402
 
 #: child registry of mmdet's MODELS; ``type='visionattn.Backbone'`` resolves here from mmdet's scope
 MODELS = Registry('model', parent=MMDET_MODELS, scope='visionattn', locations=['visionattn.det'])
 MODELS.register_module(name='Backbone', module=VisionAttnBackbone)
 MMDET_MODELS.register_module(name='VisionAttnBackbone', module=VisionAttnBackbone)
+for _name, _plugin in PLUGINS.items():  # mmdet ResNet plugins: type='visionattn.CBAM' etc.
+    MODELS.register_module(name=_name, module=_plugin)
 
 __all__ = ['MODELS', 'VisionAttnBackbone', 'SimplePyramidLevel', 'DET_FAMILIES', 'DetFamily', 'family_for',
            'load_checkpoint_file', 'select_state_dict', 'backbone_channels']

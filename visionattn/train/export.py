@@ -1,6 +1,6 @@
 """Export backbone weights for dense prediction.
 
-    python tools/export.py CKPT [--model NAME] [--format safetensors|mmdet|both] [--ema] [-o OUT]
+    python tools/export.py CKPT [--model NAME] [--format safetensors|mmdet|mmdet-resnet|both] [--ema] [-o OUT]
 
 CKPT is a ``tools/train.py`` checkpoint (``{'arch', 'state_dict', 'state_dict_ema', ...}``), an
 official or timm classification checkpoint (any container the family's ``checkpoint_filter_fn``
@@ -17,7 +17,12 @@ The classifier is dropped; with ``--ema`` the EMA weights are exported. Outputs:
   pretrained=True, pretrained_cfg_overlay=dict(file=...))``;
 * ``mmdet``: ``OUT_mmdet.pth`` = ``{'state_dict': {'backbone.model.<key>': ...}, 'meta': ...}``
   with exactly the keys a ``visionattn.Backbone`` uses (no final / head norm), the layout of a
-  detector with that backbone (use as ``load_from``, or as the backbone's ``init_cfg`` checkpoint).
+  detector with that backbone (use as ``load_from``, or as the backbone's ``init_cfg`` checkpoint);
+* ``mmdet-resnet`` (CBAM / Triplet / ELA bottleneck ResNets only): ``OUT_mmdet_resnet.pth`` =
+  ``{'state_dict': {<key>: ...}, 'meta': ...}`` in mmdet's own ``ResNet`` layout with the
+  ``visionattn.CBAM`` / ``TripletAttention`` / ``ELA`` plugins (``conv1.weight``, ``layerN.M.cbam.…``, as a
+  torchvision backbone checkpoint): the backbone's ``init_cfg=dict(type='Pretrained', checkpoint=...)``
+  (``tools/det_train.py --pretrained``).
 
 Prints a coverage report (tensors / values per group). An unreadable file, an unknown
 architecture, a checkpoint of another architecture or a missing backbone key is one ``ERROR:``
@@ -87,7 +92,7 @@ def build_parser():
     ap = ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('checkpoint', help='train.py / official / timm checkpoint, or an export')
     ap.add_argument('--model', default=None, help="visionattn model name (default: the checkpoint's 'arch')")
-    ap.add_argument('--format', choices=('safetensors', 'mmdet', 'both'), default='both')
+    ap.add_argument('--format', choices=('safetensors', 'mmdet', 'mmdet-resnet', 'both'), default='both')
     ap.add_argument('--ema', action='store_true', help="export 'state_dict_ema' instead of 'state_dict'")
     ap.add_argument('-o', '--output', default=None,
                     help='output path without extension (default: next to CKPT, <stem>_backbone)')
@@ -114,15 +119,25 @@ def export(args):
     print(convert.coverage_report(sd, model))
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                       Path(args.checkpoint).name.split('.')[0] + '_backbone')
-    paths = {'safetensors': [out + '.safetensors'], 'mmdet': [out + '_mmdet.pth']}
+    paths = {'safetensors': [out + '.safetensors'], 'mmdet': [out + '_mmdet.pth'],
+             'mmdet-resnet': [out + '_mmdet_resnet.pth']}
     paths['both'] = paths['safetensors'] + paths['mmdet']
     targets = paths[args.format]
     if any(os.path.abspath(p) == os.path.abspath(args.checkpoint) for p in targets):
         raise UserInputError(f"--output {out} would overwrite the input checkpoint {args.checkpoint}")
     meta = dict(arch=model_name, ema=bool(args.ema), source=os.path.abspath(args.checkpoint),
                 model_kwargs=repr(model_kwargs))
+    if args.format == 'mmdet-resnet':
+        import timm
+        from visionattn.models.cnn_attention import mmdet_resnet_state_dict
+        try:
+            resnet_sd = mmdet_resnet_state_dict(full, timm.create_model(model_name, device='meta', **model_kwargs))
+        except ValueError as e:
+            raise UserInputError(f'--format mmdet-resnet: {e}') from None
     for path in targets:
-        if path.endswith('.safetensors'):
+        if path.endswith('_mmdet_resnet.pth'):
+            atomic_save({'state_dict': resnet_sd, 'meta': meta}, path)
+        elif path.endswith('.safetensors'):
             from safetensors.torch import save_file
             atomic_write(path, lambda tmp: save_file(dict(full), tmp, metadata={k: str(v) for k, v in meta.items()}))
         else:
