@@ -3,11 +3,14 @@
 For each model, ours and the reference are timed in interleaved rounds (so both see the same
 machine load); the median time per batch gives images/s and the ratio ours / reference.
 Reference: timm's model of the same name without the ``visionattn_`` prefix, or the entry in
-``REFERENCES`` (e.g. NAT is compared with Swin of similar FLOPs, as its paper does).
+``REFERENCES`` (e.g. NAT is compared with Swin of similar FLOPs, as its paper does; the CNN attention
+models with timm's plain ResNet-50 / MobileNetV2). ``--official`` adds a third contender where the tests
+hold a transcription of the official network (``OFFICIAL``: the CBAM / Triplet / ELA CNNs), timed in the
+same interleaved rounds.
 
 Usage:
   python tools/benchmark.py --models 'visionattn_davit_tiny' 'visionattn_twins_*' [--batch 8]
-                            [--img 224] [--rounds 5] [--train] [--save]
+                            [--img 224] [--rounds 5] [--train] [--official] [--save]
 ``--save`` merges the ratios into model_cards/measurements.json for tools/model_cards.py.
 """
 import argparse
@@ -29,7 +32,30 @@ REFERENCES = {
     'visionattn_nat_tiny': 'swin_tiny_patch4_window7_224',
     'visionattn_nat_small': 'swin_small_patch4_window7_224',
     'visionattn_nat_base': 'swin_base_patch4_window7_224',
+    'visionattn_resnet50_cbam': 'resnet50',
+    'visionattn_resnet50_triplet': 'resnet50',
+    'visionattn_resnet50_ela_b': 'resnet50',
+    'visionattn_mobilenetv2_triplet': 'mobilenetv2_100',
+    'visionattn_mobilenetv2_ela_l': 'mobilenetv2_100',
 }
+
+# transcriptions of the official networks, in tests/test_cnn_attention.py (class name, args)
+OFFICIAL = {
+    'visionattn_resnet50_cbam': ('RefResidualNet', (50, 'RefCBAM', 'cbam')),
+    'visionattn_resnet50_triplet': ('RefResidualNet', (50, 'RefTriplet', 'triplet_attention')),
+    'visionattn_mobilenetv2_triplet': ('RefTripletMobileNetV2', ()),
+    'visionattn_mobilenetv2_ela_l': ('RefELAMobileNetV2', ()),
+}
+
+
+def official_model(name):
+    """The official-code transcription of ``name`` from the tests, or None."""
+    if name not in OFFICIAL:
+        return None
+    sys.path.insert(0, str(ROOT / 'tests'))
+    import test_cnn_attention as ref
+    cls, args = OFFICIAL[name]
+    return getattr(ref, cls)(*[getattr(ref, a) if isinstance(a, str) and a.startswith('Ref') else a for a in args])
 
 
 def reference_for(name):
@@ -44,7 +70,7 @@ def make_step(model, x, train):
                 model(x)
         return step
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    target = torch.randint(0, model.num_classes, (x.shape[0],))
+    target = torch.randint(0, getattr(model, 'num_classes', 1000), (x.shape[0],))
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -53,25 +79,23 @@ def make_step(model, x, train):
     return step
 
 
-def bench_pair(name, ref_name, batch, img, rounds, train):
+def bench(contenders, batch, img, rounds, train):
+    """images/s of each ``{label: model factory}``, timed in interleaved rounds (median per batch)."""
     torch.manual_seed(0)
     x = torch.randn(batch, 3, img, img)
     steps = {}
-    for label, model_name in (('ours', name), ('timm', ref_name)):
-        if model_name is None:
-            continue
-        model = timm.create_model(model_name).train(train)
+    for label, factory in contenders.items():
+        model = factory().train(train)
         steps[label] = make_step(model, x, train)
-        steps[label]()  # warm-up
+        steps[label]()  # warm-up (twice: allocator and oneDNN primitive caches)
+        steps[label]()
     times = {label: [] for label in steps}
     for _ in range(rounds):
         for label, step in steps.items():
             t0 = time.perf_counter()
             step()
             times[label].append(time.perf_counter() - t0)
-    ips = {label: batch / statistics.median(t) for label, t in times.items()}
-    ratio = ips['ours'] / ips['timm'] if 'timm' in ips else None
-    return ips, ratio
+    return {label: batch / statistics.median(t) for label, t in times.items()}
 
 
 def main(argv=None):
@@ -82,6 +106,8 @@ def main(argv=None):
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--threads', type=int, default=None)
     parser.add_argument('--train', action='store_true', help='time a training step instead of inference')
+    parser.add_argument('--official', action='store_true',
+                        help='also time the official-code transcription where the tests have one')
     parser.add_argument('--save', action='store_true', help='merge results into model_cards/measurements.json')
     args = parser.parse_args(argv)
     if args.threads:
@@ -95,18 +121,30 @@ def main(argv=None):
     mode = 'train step' if args.train else 'inference'
     print(f'{mode}, batch {args.batch}, {args.img}x{args.img}, fp32, {torch.get_num_threads()} threads, '
           f'median of {args.rounds} interleaved rounds')
-    print(f'{"model":36s} {"ours img/s":>11s} {"reference":>32s} {"ref img/s":>10s} {"ratio":>6s}')
+    print(f'{"model":36s} {"ours img/s":>11s} {"reference":>32s} {"ref img/s":>10s} {"ratio":>6s}'
+          + (f' {"official img/s":>15s} {"vs official":>11s}' if args.official else ''))
     results = {}
     for name in names:
         ref = reference_for(name)
-        ips, ratio = bench_pair(name, ref, args.batch, args.img, args.rounds, args.train)
-        ratio_s = f'{ratio:.2f}' if ratio else '—'
-        print(f'{name:36s} {ips["ours"]:11.1f} {ref or "—":>32s} {ips.get("timm", float("nan")):10.1f} {ratio_s:>6s}',
-              flush=True)
+        contenders = {'ours': lambda: timm.create_model(name)}
+        if ref:
+            contenders['timm'] = lambda: timm.create_model(ref)
+        if args.official and name in OFFICIAL:
+            contenders['official'] = lambda: official_model(name)
+        ips = bench(contenders, args.batch, args.img, args.rounds, args.train)
+        ratio = ips['ours'] / ips['timm'] if 'timm' in ips else None
+        vs_official = ips['ours'] / ips['official'] if 'official' in ips else None
+        line = (f'{name:36s} {ips["ours"]:11.1f} {ref or "—":>32s} {ips.get("timm", float("nan")):10.1f} '
+                f'{f"{ratio:.2f}" if ratio else "—":>6s}')
+        if args.official:
+            line += f' {ips.get("official", float("nan")):15.1f} {f"{vs_official:.2f}" if vs_official else "—":>11s}'
+        print(line, flush=True)
         key = 'train_' if args.train else ''
         results[name] = {f'{key}img_per_s': round(ips['ours'], 2), f'{key}reference': ref,
                          f'{key}ratio_vs_timm': round(ratio, 3) if ratio else None,
                          f'{key}setup': f'batch {args.batch}, {args.img}px, fp32, {torch.get_num_threads()} threads'}
+        if vs_official:
+            results[name][f'{key}ratio_vs_official'] = round(vs_official, 3)
     if args.save:
         path = ROOT / 'model_cards' / 'measurements.json'
         data = json.loads(path.read_text()) if path.exists() else {}
