@@ -58,7 +58,7 @@ def render(family, names, measurements):
         f"- Official code: {card['repo']}",
         f"- License: {card['license']}",
         '', '## Variants', '',
-        '| model | params | GMACs @ default size | GMACs @ 224 | input | top-1 (cited) | weights (timm hub) | CPU throughput vs timm |',
+        '| model | params | GMACs @ default size | GMACs @ 224 | input | top-1 (cited) | weights (timm hub) | CPU throughput vs timm (inference / train step) |',
         '|---|---|---|---|---|---|---|---|',
     ]
     for name in names:
@@ -66,13 +66,25 @@ def render(family, names, measurements):
         cfg = timm.models.get_pretrained_cfg(name)
         hub = cfg.hf_hub_id or '—'
         acc = card.get('accuracy', {}).get(name, '—')
-        speed = measurements.get(name, {}).get('ratio_vs_timm')
-        speed = f'{speed:.2f}×' if speed else '—'
+        meas = measurements.get(name, {})
+        parts = [f"{meas[k]:.2f}×{label}" for k, label in (('ratio_vs_timm', ''), ('train_ratio_vs_timm', ' train'))
+                 if meas.get(k)]
+        speed = ' / '.join(parts) + (f" vs {meas['reference']}" if parts and meas.get('reference') else '') if parts else '—'
         lines.append(
             f'| `{name}` | {params:,} | {g_default:.2f} | {g_224:.2f} | {size[0]}×{size[1]} | {acc} | {hub} | {speed} |')
+    setups = sorted({measurements[n][k] for n in names for k in ('setup', 'train_setup') if k in measurements.get(n, {})})
+    official = [f"`{n}` {measurements[n]['ratio_vs_official']:.2f}×"
+                + (f" / {measurements[n]['train_ratio_vs_official']:.2f}× train" if 'train_ratio_vs_official' in measurements[n] else '')
+                for n in names if 'ratio_vs_official' in measurements.get(n, {})]
     lines += [
         '', 'GMACs: `torch.utils.flop_counter` (matmul/conv FLOPs ÷ 2), batch 1. Accuracy figures are the '
-        "authors' ImageNet-1k top-1 claims, cited, not reproduced here.", '',
+        "authors' ImageNet-1k top-1 claims, cited, not reproduced here."]
+    if setups:
+        lines += ['', f"Throughput: `python tools/benchmark.py [--train] [--official] --save`, same-run interleaved "
+                  f"ratios ({'; '.join(setups)})."]
+    if official:
+        lines += [f"Against the tests' transcription of the official network, same run: {', '.join(official)}."]
+    lines += ['',
         '## Loading official weights', '', card['load_official'], '',
         '## Known differences', '',
     ]
