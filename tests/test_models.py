@@ -79,8 +79,11 @@ def test_create_model_accepts_only_visionattn_names():
         visionattn.create_model('davit_tiny')
     with pytest.raises(ValueError, match=r"model_name='visionattn_davit_tinny'.*did you mean .*'visionattn_davit_tiny'"):
         visionattn.create_model('visionattn_davit_tinny')
-    with pytest.raises(ValueError, match=r"model_name='resnet50'.*expected a name from visionattn\.list_models\(\)"):
-        visionattn.create_model('resnet50')
+    with pytest.raises(ValueError, match=r"model_name='efficientnet_b0'.*expected a name from visionattn\.list_models\(\)"):
+        visionattn.create_model('efficientnet_b0')
+    with pytest.raises(ValueError, match=r"model_name='resnet50' is not a visionattn model; did you mean one of .*"
+                                         r"'visionattn_resnet50_cbam'"):
+        visionattn.create_model('resnet50')  # timm's resnet50: the visionattn ResNet-50s are suggested
     with pytest.raises(ValueError, match=r'model_name=None'):
         visionattn.create_model(None)
     with pytest.raises(ValueError, match=r"did you mean 'visionattn_convit_tiny\.fb_in1k'\?"):
