@@ -17,13 +17,14 @@ norm) are reported and dropped, and a backbone key the checkpoint does not provi
 """
 import importlib
 import os
-import pickle
 import re
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+
+from visionattn.weights import load_weights
 
 from .families import DetFamily, family_for
 
@@ -107,35 +108,13 @@ def prune_for_detection(model: nn.Module, take_indices: Sequence[int]) -> nn.Mod
 
 
 def load_checkpoint_file(path: str, map_location='cpu') -> Dict:
-    """Read ``.safetensors`` or a torch file with ``torch.load(weights_only=True)``, always: a file
-    that pickles Python objects other than tensors and plain containers is refused, never run.
-    http(s) URLs are fetched by ``torch.hub`` (also ``weights_only=True``)."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f'checkpoint: expected a path, got {type(path).__name__}')
-    path = str(path)
-    if re.match(r'^https?://', path):
-        return torch.hub.load_state_dict_from_url(path, map_location=map_location, weights_only=True)
-    if re.match(r'^[a-z][a-z0-9+.-]*://', path):
+    """Read a local file with :func:`visionattn.weights.load_weights` (``weights_only=True`` or safetensors,
+    always); http(s) URLs are fetched by ``torch.hub`` (also ``weights_only=True``)."""
+    if isinstance(path, (str, os.PathLike)) and re.match(r'^https?://', str(path)):
+        return torch.hub.load_state_dict_from_url(str(path), map_location=map_location, weights_only=True)
+    if isinstance(path, (str, os.PathLike)) and re.match(r'^[a-z][a-z0-9+.-]*://', str(path)):
         raise ValueError(f'checkpoint {path!r}: only local files and http(s) URLs are supported')
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
-    if os.path.getsize(path) == 0:
-        raise ValueError(f'checkpoint {path!r} is empty (0 bytes)')
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        return load_file(path, device=str(map_location))
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if 'weights only' in str(e).lower():
-            raise ValueError(
-                f'checkpoint {path!r} pickles Python objects other than tensors, which is refused '
-                f'(torch.load(weights_only=True)); save its state_dict as a plain dict or as safetensors. '
-                f'Refused: {str(e).strip().splitlines()[0]}') from None
-        raise ValueError(f'checkpoint {path!r} is not a torch checkpoint: {str(e).strip().splitlines()[0]}') from None
-    except Exception as e:  # truncated zip, garbage bytes
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f'checkpoint {path!r} is unreadable (truncated or corrupt?): {reason}') from None
+    return load_weights(path, 'checkpoint', map_location=map_location)
 
 
 def _split_prefix(sd: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:

@@ -7,16 +7,15 @@ data config and the metric history.
 import glob
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
-import zipfile
 
 import numpy as np
 import torch
 from timm.utils import CheckpointSaver
 
+from ..weights import WeightsFileError, load_weights
 from .errors import UserInputError
 
 _logger = logging.getLogger('train')
@@ -66,28 +65,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
 
 def read_weights(path, what='checkpoint'):
-    """Load a weights file on the CPU: a torch file with ``weights_only=True`` (memory-mapped when it is a zip
-    archive) or safetensors. A missing, empty or unreadable file is a UserInputError naming it; a pickle of Python
-    objects other than tensors is refused, never run."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise UserInputError(f"{what} {path} does not exist")
-    if os.path.getsize(path) == 0:
-        raise UserInputError(f"{what} {path} is empty (0 bytes)")
+    """:func:`visionattn.weights.load_weights` on the CPU, its errors as :class:`UserInputError` (one ERROR line)."""
     try:
-        if path.endswith('.safetensors'):
-            from safetensors.torch import load_file
-            return load_file(path)
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        if 'weights only' in str(e).lower():
-            raise UserInputError(f"{what} {path} pickles Python objects other than tensors, which this tool refuses "
-                                 f"to load (torch.load(weights_only=True)); save a plain state_dict instead") from None
-        reason = str(e).strip().splitlines()[0]
-        raise UserInputError(f"{what} {path} is unreadable (not a torch checkpoint?): {reason}") from None
-    except Exception as e:  # truncated zip, garbage bytes, ...
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserInputError(f"{what} {path} is unreadable (truncated or corrupt?): {reason}") from None
+        return load_weights(path, what)
+    except WeightsFileError as e:
+        raise UserInputError(str(e)) from None
 
 
 def read_checkpoint(path):
