@@ -74,28 +74,30 @@ class Conv2AttentionBottleneck(Bottleneck):
             act=self.act2, attn=create_attn(attn_layer, self.conv2.out_channels, **dd)))
 
 
-def use_channels_last(model: nn.Module, enable: bool) -> None:
-    """Store the conv weights channels-last: oneDNN (CPU) and cuDNN then run every conv, and the gates between
-    them, on channels-last activations (the first conv turns an NCHW input into channels-last output). Shapes
-    and values are unchanged; outputs are NCHW-shaped tensors with channels-last strides."""
-    if enable:
-        model.to(memory_format=torch.channels_last)
+class _CheckedCNN:
+    """What both timm CNN hosts add after timm built them: the input check in the first conv and, by default,
+    channels-last conv weights (oneDNN / cuDNN then run every conv, and the gates between them, on channels-last
+    activations; shapes and values are unchanged, outputs are NCHW-shaped with channels-last strides)."""
 
-
-class AttentionResNet(ResNet):
-    """timm's ``ResNet`` (torchvision layout) with an attention module in every block; checks its input.
-
-    ``channels_last`` (default True): see :func:`use_channels_last`.
-    """
-
-    def __init__(self, *args, channels_last: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.conv1 = InputCheckConv2d(self.conv1, MIN_INPUT_SIZE)
-        use_channels_last(self, channels_last)
+    def _finish_build(self, first_conv: str, channels_last: bool) -> None:
+        setattr(self, first_conv, InputCheckConv2d(getattr(self, first_conv), MIN_INPUT_SIZE))
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def no_weight_decay(self):
         """No position tables; biases and norm weights (1-D) are excluded by timm's optimizer factory."""
         return set()
+
+
+class AttentionResNet(_CheckedCNN, ResNet):
+    """timm's ``ResNet`` (torchvision layout) with an attention module in every block; checks its input.
+
+    ``channels_last`` (default True): see :class:`_CheckedCNN`.
+    """
+
+    def __init__(self, *args, channels_last: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._finish_build('conv1', channels_last)
 
 
 # timm's MobileNetV2-1.0 (``_gen_mobilenet_v2``): one depthwise-separable block, then inverted residuals
@@ -110,7 +112,7 @@ _MBV2_ARCH = [
 ]
 
 
-class AttentionMobileNetV2(EfficientNet):
+class AttentionMobileNetV2(_CheckedCNN, EfficientNet):
     """timm's MobileNetV2 (ReLU6, 1280 head) with an attention module per block; checks its input.
 
     Args:
@@ -118,7 +120,7 @@ class AttentionMobileNetV2(EfficientNet):
         attn_position: ``'dw'`` -- after the depthwise conv + BN + ReLU6 of every block with expansion > 1,
             on the expanded width (timm's ``se`` slot); ``'out'`` -- after the pw-linear conv + BN of
             every block, before the identity add (the pw-linear norm's ``act`` slot).
-        channels_last: see :func:`use_channels_last` (default True).
+        channels_last: see :class:`_CheckedCNN` (default True).
         **kwargs: ``EfficientNet`` arguments (``num_classes``, ``in_chans``, ``drop_rate``, ...).
     """
 
@@ -138,12 +140,7 @@ class AttentionMobileNetV2(EfficientNet):
                     block.bn3.act = attn_layer(block.bn3.num_features, **dd)
                 elif isinstance(block, DepthwiseSeparableConv):
                     block.bn2.act = attn_layer(block.bn2.num_features, **dd)
-        self.conv_stem = InputCheckConv2d(self.conv_stem, MIN_INPUT_SIZE)
-        use_channels_last(self, channels_last)
-
-    def no_weight_decay(self):
-        """No position tables; biases and norm weights (1-D) are excluded by timm's optimizer factory."""
-        return set()
+        self._finish_build('conv_stem', channels_last)
 
 
 # ---------------------------------------------------------------------------------------------------
