@@ -147,8 +147,11 @@ def select_state_dict(
             raise ValueError(
                 f'{source}: EMA weights requested but the checkpoint has none (top-level keys: '
                 f'{sorted(k for k in checkpoint if isinstance(k, str))[:10]})')
-    elif isinstance(checkpoint.get('state_dict'), dict) and 'state_dict_ema' in checkpoint:
-        notes.append("non-EMA weights ('state_dict'; pass ema=True / --ema for 'state_dict_ema')")
+    else:
+        for plain, ema_key in (('state_dict', 'state_dict_ema'), ('models', 'model_ema'), ('model', 'model_ema')):
+            if isinstance(checkpoint.get(plain), dict) and ema_key in checkpoint:
+                notes.append(f"non-EMA weights ({plain!r}; pass ema=True / --ema for {ema_key!r})")
+                break
     sd = unwrap_state_dict(checkpoint)
     if prefix:
         selected = _split_prefix(sd, prefix)

@@ -3,7 +3,8 @@
 A family file declares its blocks and variant configs; this module supplies the rest:
 
 * :class:`Stage` -- one stage of a hierarchy: optional downsample (NCHW), blocks (NHWC or
-  NCHW, converted once per stage), optional position-encoding generator after the first block.
+  NCHW, converted once per stage), optional position-encoding generator after the first block,
+  optional relative-position module whose tables every block of the stage receives.
 * :class:`HierarchicalBackbone` -- stem -> stages -> final norm -> head, implementing timm's
   whole model API once (``forward_features`` returns the unpooled NCHW map).
 * :func:`build_visionattn_model` -- ``timm.models.build_model_with_cfg`` with the feature config
@@ -18,14 +19,14 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, NormMlpClassifierHead, get_device_dtype
+from timm.layers import ClassifierHead, NormMlpClassifierHead, get_device_dtype, trunc_normal_
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
 __all__ = [
     'Stage', 'HierarchicalBackbone', 'build_visionattn_model', 'unwrap_state_dict', 'remap_keys',
-    'check_state_dict', 'check_input',
+    'check_state_dict', 'check_input', 'init_linear_trunc_normal',
 ]
 
 
@@ -51,6 +52,17 @@ def check_input(x: torch.Tensor, in_chans: int, min_size: int) -> None:
             f'{min_size}x{min_size}')
 
 
+def init_linear_trunc_normal(m: nn.Module) -> None:
+    """The common official ViT init (for ``model.apply``): Linear trunc_normal(0.02) + zero bias, LayerNorm 1 / 0."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class Stage(nn.Module):
     """One stage of a hierarchical backbone.
 
@@ -68,14 +80,17 @@ class Stage(nn.Module):
             downsample: Optional[nn.Module] = None,
             pos_block: Optional[nn.Module] = None,
             block_fmt: str = 'NHWC',
+            rel_pos: Optional[nn.Module] = None,
     ):
         super().__init__()
         if block_fmt not in ('NHWC', 'NCHW'):
             raise ValueError(f"block_fmt={block_fmt!r}: expected 'NHWC' or 'NCHW'")
         self.downsample = downsample if downsample is not None else nn.Identity()
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks = nn.ModuleList(blocks)
         if pos_block is not None:
             self.pos_block = pos_block
+        if rel_pos is not None:
+            self.rel_pos = rel_pos
         self.channels_last_blocks = block_fmt == 'NHWC'
         self.out_chs = out_chs
         self.reduction = reduction
@@ -85,6 +100,14 @@ class Stage(nn.Module):
         x = self.downsample(x)
         if self.channels_last_blocks:
             x = x.permute(0, 2, 3, 1)
+        if hasattr(self, 'rel_pos'):  # blocks taking (x, tables): a loop of its own, as TorchScript needs fixed arity
+            rel_pos = self.rel_pos(x)
+            for block in self.blocks:
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint(block, x, rel_pos)
+                else:
+                    x = block(x, rel_pos)
+            return self._to_nchw(x)
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(block, x)
@@ -92,6 +115,9 @@ class Stage(nn.Module):
                 x = block(x)
             if i == 0 and hasattr(self, 'pos_block'):
                 x = self.pos_block(x)
+        return self._to_nchw(x)
+
+    def _to_nchw(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last_blocks:
             x = x.permute(0, 3, 1, 2)
         return x.contiguous()
@@ -101,7 +127,8 @@ class HierarchicalBackbone(nn.Module):
     """stem -> stages -> norm -> head, with timm's model API.
 
     Family classes build their ``stem`` (NCHW -> NCHW) and :class:`Stage` list and pass them here.
-    ``norm`` is an optional final norm on the last NCHW map (part of ``forward_features``);
+    ``norm`` is an optional final norm on the last NCHW map (part of ``forward_features``); it may
+    change the channel count (a pre-head projection, as PPMA's), given then as ``num_features``;
     ``head_norm_layer`` selects a pool-then-norm head (timm ``NormMlpClassifierHead``, as DaViT).
     """
 
@@ -118,6 +145,7 @@ class HierarchicalBackbone(nn.Module):
             stem_reduction: int = 4,
             min_input_size: int = 32,
             no_weight_decay_keys: Iterable[str] = (),
+            num_features: Optional[int] = None,
             device=None,
             dtype=None,
     ):
@@ -134,7 +162,7 @@ class HierarchicalBackbone(nn.Module):
         self.stem = stem
         self.stages = nn.Sequential(*stages)
         self.norm = norm if norm is not None else nn.Identity()
-        self.num_features = self.head_hidden_size = stages[-1].out_chs
+        self.num_features = self.head_hidden_size = num_features or stages[-1].out_chs
         self.feature_info = [
             dict(num_chs=s.out_chs, reduction=s.reduction, module=f'stages.{i}') for i, s in enumerate(stages)]
         if head_norm_layer is not None:
@@ -267,14 +295,14 @@ def build_visionattn_model(
     )
 
 
-_CONTAINER_KEYS = ('state_dict', 'model', 'module', 'model_state', 'state_dict_ema', 'model_ema')
+_CONTAINER_KEYS = ('state_dict', 'model', 'models', 'module', 'model_state', 'state_dict_ema', 'model_ema')
 
 
 def unwrap_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:
     """Return the tensor dict inside a checkpoint container.
 
-    Accepts a raw state dict or one nested under ``state_dict`` / ``model`` / ``module`` (the
-    first present wins, in that order), and strips ``module.`` / ``_orig_mod.`` prefixes
+    Accepts a raw state dict or one nested under one of ``_CONTAINER_KEYS`` (the first present
+    wins, in that order), and strips ``module.`` / ``_orig_mod.`` prefixes
     (DDP / torch.compile wrappers).
     """
     sd = checkpoint

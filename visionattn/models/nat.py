@@ -47,7 +47,8 @@ from timm.models._features_fx import register_notrace_function, register_notrace
 
 from visionattn.layers.neighborhood_attention import NeighborhoodAttention2d
 from ._builder import (
-    HierarchicalBackbone, Stage, build_visionattn_model, check_state_dict, remap_keys, unwrap_state_dict)
+    HierarchicalBackbone, Stage, build_visionattn_model, check_state_dict, init_linear_trunc_normal, remap_keys,
+    unwrap_state_dict)
 from ._plain import PlainBackbone
 
 __all__ = [
@@ -364,18 +365,6 @@ def _resolve_dilations(dilations, depths: Sequence[int]) -> List[List[int]]:
     return out
 
 
-def _init_weights(m: nn.Module):
-    # official: Linear trunc_normal(0.02) + zero bias, LayerNorm 1/0, convs PyTorch default; the
-    # RPB tables are initialised (trunc_normal 0.02) by the attention modules
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
 class NAT(HierarchicalBackbone):
     """NAT / DiNAT (``layout='nat'``) and DiNAT_s (``layout='swin'``) backbone + classifier.
 
@@ -463,7 +452,9 @@ class NAT(HierarchicalBackbone):
         self.kernel_sizes = tuple(kernel_sizes)
         self.dilations = tuple(tuple(d) for d in block_dilations)
         self.drop_path_rate = drop_path_rate
-        self.apply(_init_weights)
+        # official: Linear trunc_normal(0.02) + zero bias, LayerNorm 1/0, convs PyTorch default; the
+        # RPB tables are initialised (trunc_normal 0.02) by the attention modules
+        self.apply(init_linear_trunc_normal)
         self._no_weight_decay = {n for n, _ in self.named_parameters() if n.endswith('.rpb')}
 
 
