@@ -4,3 +4,4 @@ from .window_attention import WindowAttention, pad_to_multiple
 from .cbam import CBAM
 from .ela import ELA
 from .triplet_attention import TripletAttention
+from .polyline_attention import PolylinePathAttention, PolylineRoPE
