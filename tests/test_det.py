@@ -64,6 +64,7 @@ SMALLEST = {
     'dinat': ('visionattn_dinat_mini', ('nat', 'dinat_mini'), 'dinat_mini'),
     'dinat_s': ('visionattn_dinat_s_tiny', ('nat', 'dinat_s_tiny'), None),
     'nat_isotropic': ('visionattn_nat_isotropic_small', ('nat', 'nat_isotropic_small'), None),
+    'ppma': ('visionattn_ppma_tiny', ('ppma', 'PPMAViT_T'), 'ppma_tiny'),
     'cnn_attention': ('visionattn_resnet18_cbam', ('cbam', 'resnet18_cbam'), None),
 }
 REGISTERED = set(visionattn.list_models())
@@ -329,7 +330,7 @@ def test_official_checkpoint_through_family_filter(family, tmp_path):
         if v.numel() >= 4:
             assert tuple(v.flatten()[:4].tolist()) in values, f'{k} was not loaded'
     # a missing backbone key is an error naming it
-    key = next(k for k in sd if '.mlp.' in k or '.attn.' in k)
+    key = next(k for k in sd if any(part in k for part in ('.mlp.', '.attn.', '.retention.')))
     broken = {k: v for k, v in sd.items() if k != key}
     torch.save(broken, tmp_path / 'broken.pth')
     bad = VisionAttnBackbone(model_name, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'broken.pth')))

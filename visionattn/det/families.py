@@ -33,6 +33,10 @@ Where the fields come from (``../shared/specs``):
   ``feature_info`` taps at strides 4..32 (ResNet ``layer1..4``; MobileNetV2 ``blocks.1/2/4/6``,
   24/32/96/320 channels), the stride-2 stem tap is skipped; ``frozen_stages`` cuts the modules in
   forward order after each level's module; BatchNorm (``norm_eval``), no output norms, as mmdet's ResNet.
+* PPMA (biformer_nat_ppma.md §3.5): outputs are the pre-downsample features of each stage (visionattn's
+  stage outputs: the downsample opens the next stage) with a new ``LayerNorm`` (eps 1e-5) ``outnorm{i}``
+  per output; the official backbone has no ``frozen_stages`` / ``norm_eval`` (the shared wrapper adds
+  both); no decay on the per-head path parameters ``dt_bias`` / ``A_log``.
 """
 import functools
 import re
@@ -113,6 +117,7 @@ DET_FAMILIES: Tuple[DetFamily, ...] = (
     DetFamily('dinat', r'^visionattn_dinat_(?!s_|isotropic)', 'visionattn.models.nat', out_norm_eps=1e-5, no_decay=('rpb',), det_kwargs=_dinat_kwargs),
     DetFamily('dinat_s', r'^visionattn_dinat_s_', 'visionattn.models.nat', out_norm_eps=1e-5, no_decay=('rpb',), det_kwargs=_dinat_s_kwargs),
     DetFamily('nat_isotropic', r'^visionattn_(nat_isotropic|dinat_isotropic|vitrpb)_', 'visionattn.models.nat', out_norm_eps=1e-5, plain=True, no_decay=('rpb', 'relative_position')),
+    DetFamily('ppma', r'^visionattn_ppma_', 'visionattn.models.ppma', out_norm_eps=1e-5, no_decay=('dt_bias', 'A_log')),
     DetFamily('cnn_attention', r'^visionattn_(resnet\d+|mobilenetv2)_(cbam|triplet|ela_[a-z])$', 'visionattn.models.cnn_attention'),
 )
 
