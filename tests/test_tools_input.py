@@ -257,3 +257,21 @@ def test_bad_arguments_are_one_error_line(args, needle, capsys):
         trainer.build_parser().parse_args(args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith('ERROR:') and err.count('\n') == 1 and needle in err
+
+
+@pytest.mark.parametrize('args, needle', [
+    (['--model', 'visionattn_nope'], "argument --model: 'visionattn_nope' is not a registered model"),
+    (['--model', 'visionattn_ppma_tiny', '--img', '0'], 'argument --img: 0: expected H or H W'),
+    (['--model', 'visionattn_ppma_tiny', '--batch', '0'], '--batch 0'),
+    (['--model', 'visionattn_davit_tiny', '--official'], "no official transcription for 'visionattn_davit_tiny'"),
+])
+def test_benchmark_memory_bad_arguments_are_one_error_line(args, needle, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        '_benchmark_memory', ROOT / 'tools' / 'benchmark_memory.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with pytest.raises(SystemExit) as e:
+        tool.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith('ERROR:') and err.count('\n') == 1 and needle in err

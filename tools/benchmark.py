@@ -5,8 +5,8 @@ machine load); the median time per batch gives images/s and the ratio ours / ref
 Reference: timm's model of the same name without the ``visionattn_`` prefix, or the entry in
 ``REFERENCES`` (e.g. NAT is compared with Swin of similar FLOPs, as its paper does; the CNN attention
 models with timm's plain ResNet-50 / MobileNetV2). ``--official`` adds a third contender where the tests
-hold a transcription of the official network (``OFFICIAL``: the CBAM / Triplet / ELA CNNs), timed in the
-same interleaved rounds.
+hold a transcription of the official network (``OFFICIAL``: the CBAM / Triplet / ELA CNNs, PPMA), timed in
+the same interleaved rounds.
 
 Usage:
   python tools/benchmark.py --models 'visionattn_davit_tiny' 'visionattn_twins_*' [--batch 8]
@@ -32,6 +32,9 @@ REFERENCES = {
     'visionattn_nat_tiny': 'swin_tiny_patch4_window7_224',
     'visionattn_nat_small': 'swin_small_patch4_window7_224',
     'visionattn_nat_base': 'swin_base_patch4_window7_224',
+    'visionattn_ppma_tiny': 'swin_tiny_patch4_window7_224',
+    'visionattn_ppma_small': 'swin_small_patch4_window7_224',
+    'visionattn_ppma_base': 'swin_base_patch4_window7_224',
     'visionattn_resnet50_cbam': 'resnet50',
     'visionattn_resnet50_triplet': 'resnet50',
     'visionattn_resnet50_ela_b': 'resnet50',
@@ -39,12 +42,16 @@ REFERENCES = {
     'visionattn_mobilenetv2_ela_l': 'mobilenetv2_100',
 }
 
-# transcriptions of the official networks, in tests/test_cnn_attention.py (class name, args)
+# transcriptions of the official networks in the tests: name -> (module in tests/, factory(module) -> model)
 OFFICIAL = {
-    'visionattn_resnet50_cbam': ('RefResidualNet', (50, 'RefCBAM', 'cbam')),
-    'visionattn_resnet50_triplet': ('RefResidualNet', (50, 'RefTriplet', 'triplet_attention')),
-    'visionattn_mobilenetv2_triplet': ('RefTripletMobileNetV2', ()),
-    'visionattn_mobilenetv2_ela_l': ('RefELAMobileNetV2', ()),
+    'visionattn_resnet50_cbam': ('test_cnn_attention', lambda ref: ref.RefResidualNet(50, ref.RefCBAM, 'cbam')),
+    'visionattn_resnet50_triplet': (
+        'test_cnn_attention', lambda ref: ref.RefResidualNet(50, ref.RefTriplet, 'triplet_attention')),
+    'visionattn_mobilenetv2_triplet': ('test_cnn_attention', lambda ref: ref.RefTripletMobileNetV2()),
+    'visionattn_mobilenetv2_ela_l': ('test_cnn_attention', lambda ref: ref.RefELAMobileNetV2()),
+    'visionattn_ppma_tiny': ('ppma_reference', lambda ref: ref.PPMARef(**ref.VARIANTS['PPMAViT_T'])),
+    'visionattn_ppma_small': ('ppma_reference', lambda ref: ref.PPMARef(**ref.VARIANTS['PPMAViT_S'])),
+    'visionattn_ppma_base': ('ppma_reference', lambda ref: ref.PPMARef(**ref.VARIANTS['PPMAViT_B'])),
 }
 
 
@@ -52,10 +59,10 @@ def official_model(name):
     """The official-code transcription of ``name`` from the tests, or None."""
     if name not in OFFICIAL:
         return None
+    import importlib
     sys.path.insert(0, str(ROOT / 'tests'))
-    import test_cnn_attention as ref
-    cls, args = OFFICIAL[name]
-    return getattr(ref, cls)(*[getattr(ref, a) if isinstance(a, str) and a.startswith('Ref') else a for a in args])
+    module, factory = OFFICIAL[name]
+    return factory(importlib.import_module(module))
 
 
 def reference_for(name):

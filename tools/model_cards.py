@@ -4,7 +4,8 @@ Each family module defines ``FAMILY_CARD`` (paper, repo, license, cited accuracy
 official weights, known differences). Parameters and GMACs are measured here: parameters by
 instantiating on the meta device, GMACs with ``torch.utils.flop_counter`` (FLOPs / 2, matmuls and
 convolutions) on meta tensors at the model's default input size and at 224. Measured speed ratios
-from ``tools/benchmark.py --save`` (``model_cards/measurements.json``) are added when present.
+from ``tools/benchmark.py --save`` and peak memory from ``tools/benchmark_memory.py --save``
+(``model_cards/measurements.json``) are added when present.
 
 Usage: python tools/model_cards.py [--out model_cards] [--family davit]
 """
@@ -84,6 +85,11 @@ def render(family, names, measurements):
                   f"ratios ({'; '.join(setups)})."]
     if official:
         lines += [f"Against the tests' transcription of the official network, same run: {', '.join(official)}."]
+    memory = [f'`{n}` {text}' for n in names for text in measurements.get(n, {}).get('memory', {}).values()]
+    if memory:
+        lines += ['', 'Peak memory (`python tools/benchmark_memory.py [--train] --official --save`, fresh-process VmHWM, '
+                  'which includes the ~0.75 GB of the imported torch + timm):', '']
+        lines += [f'- {m}' for m in memory]
     lines += ['',
         '## Loading official weights', '', card['load_official'], '',
         '## Known differences', '',
