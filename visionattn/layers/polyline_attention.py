@@ -47,6 +47,12 @@ def _block_elements() -> int:
     return BLOCK_ELEMENTS
 
 
+def _segment_sign(n: int, like: torch.Tensor) -> torch.Tensor:
+    """(n, n) table of +1 on and below the diagonal, -1 above it, in ``like``'s dtype and device."""
+    idx = torch.arange(n, device=like.device)
+    return torch.where(idx[:, None] >= idx[None, :], 1., -1.).to(like.dtype)
+
+
 def segment_sum(a: torch.Tensor) -> torch.Tensor:
     """``S[..., i, j] = sum_{t=min(i,j)+1}^{max(i,j)} a[..., t]`` for ``a`` of shape (..., T): (..., T, T).
 
@@ -54,10 +60,7 @@ def segment_sum(a: torch.Tensor) -> torch.Tensor:
     official ``tril(c_i - c_j) + triu(c_j - c_i)`` in two passes over the (T, T) tables.
     """
     c = a.cumsum(-1)
-    n = a.shape[-1]
-    idx = torch.arange(n, device=a.device)
-    sign = torch.where(idx[:, None] >= idx[None, :], 1., -1.).to(a.dtype)
-    return (c.unsqueeze(-1) - c.unsqueeze(-2)).mul_(sign)
+    return (c.unsqueeze(-1) - c.unsqueeze(-2)).mul_(_segment_sign(a.shape[-1], a))
 
 
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
@@ -253,9 +256,7 @@ def _chunk_streamed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: to
 
 def _segment_sum_backward(grad: torch.Tensor) -> torch.Tensor:
     """Gradient of :func:`segment_sum` w.r.t. its input, for an upstream gradient (..., T, T)."""
-    n = grad.shape[-1]
-    idx = torch.arange(n, device=grad.device)
-    signed = grad * torch.where(idx[:, None] >= idx[None, :], 1., -1.).to(grad.dtype)
+    signed = grad * _segment_sign(grad.shape[-1], grad)
     d_cumsum = signed.sum(-1) - signed.sum(-2)
     return d_cumsum.flip(-1).cumsum(-1).flip(-1)
 
@@ -316,10 +317,11 @@ class _ChunkAttention(torch.autograd.Function):
 def _chunk_no_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
                    beta: torch.Tensor) -> torch.Tensor:
     b, n, h, w, _ = q.shape
-    group = min(n, _block_elements() // max(1, b * h * w * (h + w)))
+    group = min(n, _block_elements() // max(1, b * h * w * (h + w)))  # 0: one head does not fit
+    step = max(1, group)
     outs: List[torch.Tensor] = []
-    for g0 in range(0, n, max(1, group)):
-        g1 = min(n, g0 + max(1, group))
+    for g0 in range(0, n, step):
+        g1 = min(n, g0 + step)
         qg, kg, vg, ag, bg = q[:, g0:g1], k[:, g0:g1], v[:, g0:g1], alpha[:, g0:g1], beta[:, g0:g1]
         if group >= 1:
             outs.append(_chunk_heads(qg, kg, vg, segment_sum(ag), segment_sum(bg.transpose(2, 3))))
