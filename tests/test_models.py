@@ -19,15 +19,8 @@ MODELS = visionattn.list_models()
 FULL_TEST_MAX_PARAMS = 60_000_000
 HIER_INPUT = 64  # small square input for hierarchical models (stride 32 -> 2x2 last map)
 
-# Models that cannot be compiled by torch.jit.script, and why.
-JIT_EXCLUDE = {}
 # Models that torch.fx cannot trace, and why.
 FX_EXCLUDE = {}
-# NAT / DiNAT / DiNAT_s / NAT-iso / DiNAT-iso: the neighbourhood-attention operator chooses its backend in
-# Python (context variable, environment variable, cached index tables), which TorchScript cannot compile.
-JIT_EXCLUDE.update({
-    m: 'neighbourhood-attention backend dispatch is Python-only (visionattn.layers.neighborhood_attention)'
-    for m in MODELS if m.startswith(('visionattn_nat_', 'visionattn_dinat_'))})
 
 
 def _num_params(name):
@@ -293,8 +286,6 @@ def test_non_square_input(name):
 
 @pytest.mark.parametrize('name', SMALL)
 def test_torchscript(name):
-    if name in JIT_EXCLUDE:
-        pytest.skip(f'cannot be scripted: {JIT_EXCLUDE[name]}')
     with timm.layers.set_layer_config(scriptable=True):
         model = _create(name).eval()
     scripted = torch.jit.script(model)

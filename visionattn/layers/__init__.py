@@ -1,6 +1,7 @@
 """Attention and token-mixing layers shared by the visionattn families."""
 from .conv_pos_enc import ConvPosEnc
-from .window_attention import WindowAttention, pad_to_multiple
+from .padding import crop_to, pad_to_multiple
+from .window_attention import WindowAttention
 from .cbam import CBAM
 from .ela import ELA
 from .triplet_attention import TripletAttention

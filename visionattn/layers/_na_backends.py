@@ -21,21 +21,23 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 Pair = Tuple[int, int]
 
 
 def _table_cache(maxsize: int):
-    """``functools.lru_cache`` for index-table builders; a miss builds the tables outside inference mode.
+    """``functools.lru_cache`` for index-table builders; a miss builds real tensors outside inference mode.
 
     Tables cached during a ``torch.inference_mode()`` call would be inference tensors, which autograd
-    cannot save; built with inference mode off they serve every later call, in any grad mode. Hits
-    cost what ``lru_cache`` costs.
+    cannot save, and tables built while ``torch.export`` / ONNX export traces with fake tensors would be
+    fake; built with inference mode and fake mode off they serve every later call, in any grad mode,
+    and a trace records them as constants. Hits cost what ``lru_cache`` costs.
     """
     def decorator(fn):
         @functools.wraps(fn)
         def build(*args, **kwargs):
-            with torch.inference_mode(False):
+            with torch.inference_mode(False), unset_fake_temporarily():
                 return fn(*args, **kwargs)
         return functools.lru_cache(maxsize=maxsize)(build)
     return decorator
@@ -161,6 +163,49 @@ def na2d_torch(q, k, v, kernel: Pair, dilation: Pair, rpb: Optional[torch.Tensor
                                          gather(v, k_idx, LK), attn_mask=bias, scale=scale)
     out = out.reshape(B, nh, G * LQ, D).transpose(1, 2).index_select(1, out_idx)
     return out.reshape(B, H, W, nh, D)
+
+
+# --------------------------------------------------------------------------------------------
+# gather backend: every query's kh·kw keys gathered densely, index tables computed in the graph.
+# --------------------------------------------------------------------------------------------
+
+def _axis_neighbours(length: int, kernel: int, dilation: int, device: torch.device):
+    """One axis of length L, small-input policy included, with tensor ops only (``length`` may be
+    symbolic): key index [L, k] (absolute, clamped), validity [L, k] and RPB index [L, k] of every query."""
+    i = torch.arange(length, device=device)
+    n = i[-1:] + 1  # the length as a [1] tensor, so no Python branch depends on it
+    d = torch.where(n >= kernel * dilation, torch.full_like(n, dilation),
+                    torch.div(n, kernel, rounding_mode="floor").clamp(min=1))
+    g, p = i % d, torch.div(i, d, rounding_mode="floor")
+    glen = torch.div(n - g + d - 1, d, rounding_mode="floor")
+    key = window_start(p, glen, kernel)[:, None] + torch.arange(kernel, device=device)  # group positions
+    index = torch.minimum(key * d + g[:, None], n - 1)
+    rel = (key - p[:, None] + kernel - 1).clamp(0, 2 * kernel - 2)
+    return index, key < glen[:, None], rel
+
+
+def na2d_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Tuple[int, int],
+                dilation: Tuple[int, int], rpb: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """Neighbourhood attention by gathering each query's kh·kw keys and values (any device, autograd).
+
+    The index tables are computed inside the graph from the input size, with the small-input policy
+    as tensor ops (``dilation`` may be given before or after the policy), so this backend scripts with
+    TorchScript and exports with symbolic height and width. Memory O(N·kh·kw·C)."""
+    B, H, W, nh, D = q.shape
+    kh, kw = kernel
+    ir, vr, rr = _axis_neighbours(H, kh, dilation[0], q.device)
+    ic, vc, rc = _axis_neighbours(W, kw, dilation[1], q.device)
+    index = (ir[:, None, :, None] * W + ic[None, :, None, :]).reshape(-1)  # [H·W·kh·kw] token rows
+    keys = k.reshape(B, H * W, nh, D).index_select(1, index).reshape(B, H, W, kh * kw, nh, D)
+    values = v.reshape(B, H * W, nh, D).index_select(1, index).reshape(B, H, W, kh * kw, nh, D)
+    attn = torch.einsum("bhwnd,bhwknd->bhwnk", q * scale, keys)
+    if rpb is not None:
+        rel = (rr[:, None, :, None] * (2 * kw - 1) + rc[None, :, None, :]).reshape(-1)
+        bias = rpb.to(q.dtype).reshape(nh, -1).index_select(1, rel).reshape(nh, H, W, kh * kw)
+        attn = attn + bias.permute(1, 2, 0, 3)
+    valid = (vr[:, None, :, None] & vc[None, :, None, :]).reshape(H, W, 1, kh * kw)
+    attn = attn.masked_fill(~valid, float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhwnk,bhwknd->bhwnd", attn, values)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 ``_na_backends`` for the geometry); ``NeighborhoodAttention2d`` is the NAT/DiNAT module around
 it, with the parameter names of the natten ≤ 0.17 checkpoints (``qkv``, ``rpb``, ``proj``).
 
-Backends (``torch``, ``flex``, ``natten``, ``triton``) are selected here, in one place:
+Backends (``torch``, ``flex``, ``natten``, ``triton``, ``gather``) are selected here, in one place:
 an explicit ``backend=`` argument wins, then the innermost ``with na_backend(name):``, then
 the environment variable ``VISIONATTN_NA_BACKEND``, else ``auto``. ``auto`` picks:
 
@@ -13,6 +13,10 @@ the environment variable ``VISIONATTN_NA_BACKEND``, else ``auto``. ``auto`` pick
 - CUDA, ``rpb is None``, natten built with its CUDA kernels (``natten.HAS_LIBNATTEN``) and no
   axis padded by the small-input policy: ``natten`` (its fused FNA kernels);
 - otherwise on CUDA: ``triton`` if Triton is importable, else ``flex``.
+
+Deployment: a TorchScript-compiled module, and a ``torch.export`` / ONNX trace whose height or width
+is symbolic, use ``gather`` (index tables computed in the graph from the input size); a trace at a fixed
+size follows the rule above (``torch`` on CPU, its tables recorded as constants).
 
 (On an H200, fp16, B=4, 4 heads, 56², k=7, forward+backward with RPB: triton 0.9 ms, flex
 2.8 ms, torch 3.0 ms; natten's CUDA kernels were not available there to compare.)
@@ -30,12 +34,12 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._na_backends import na2d_flex, na2d_natten, na2d_torch
+from ._na_backends import na2d_flex, na2d_gather, na2d_natten, na2d_torch
 
 __all__ = ["neighborhood_attention_2d", "NeighborhoodAttention2d", "na_backend", "BACKENDS",
            "ENV_VAR", "effective_dilation"]
 
-BACKENDS = ("torch", "flex", "natten", "triton")
+BACKENDS = ("torch", "flex", "natten", "triton", "gather")
 ENV_VAR = "VISIONATTN_NA_BACKEND"
 _context_backend = contextvars.ContextVar("visionattn_na_backend", default=None)
 
@@ -95,6 +99,8 @@ def _resolve(backend: Optional[str], q: torch.Tensor, rpb, padded: bool):
         return na2d_torch
     if name == "flex":
         return na2d_flex
+    if name == "gather":
+        return na2d_gather
     if name == "natten":
         try:
             import natten  # noqa: F401
@@ -145,15 +151,16 @@ def neighborhood_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q.dim() != 5 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError("q, k, v must all be [B, H, W, heads, head_dim], got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    kernel = _pair(kernel_size, "kernel_size")
-    size = tuple(q.shape[1:3])
-    dil = tuple(effective_dilation(n, kk, d)
-                for n, kk, d in zip(size, kernel, _pair(dilation, "dilation")))
+    kernel, dilation = _pair(kernel_size, "kernel_size"), _pair(dilation, "dilation")
     if rpb is not None and tuple(rpb.shape) != (q.shape[3], 2 * kernel[0] - 1, 2 * kernel[1] - 1):
         raise ValueError(f"rpb must be [heads, 2kh-1, 2kw-1] = "
                          f"{[q.shape[3], 2 * kernel[0] - 1, 2 * kernel[1] - 1]}, "
                          f"got {list(rpb.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    size = tuple(q.shape[1:3])
+    if not all(isinstance(n, int) for n in size):  # traced with a symbolic size: tables in the graph
+        return na2d_gather(q, k, v, kernel, dilation, rpb, scale)
+    dil = tuple(effective_dilation(n, kk, d) for n, kk, d in zip(size, kernel, dilation))
     padded = size[0] < kernel[0] or size[1] < kernel[1]
     return _resolve(backend, q, rpb, padded)(q, k, v, kernel, dil, rpb, scale)
 
@@ -197,8 +204,11 @@ class NeighborhoodAttention2d(nn.Module):
                                       "neighbourhood-attention backends; use attn_drop=0")
         B, H, W, C = x.shape
         q, k, v = self.qkv(x).reshape(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
-        x = neighborhood_attention_2d(q, k, v, self.kernel_size, self.dilation, self.rpb,
-                                      self.scale)
+        if torch.jit.is_scripting():
+            x = na2d_gather(q, k, v, self.kernel_size, self.dilation, self.rpb, self.scale)
+        else:
+            x = neighborhood_attention_2d(q, k, v, self.kernel_size, self.dilation, self.rpb,
+                                          self.scale)
         return self.proj_drop(self.proj(x.reshape(B, H, W, C)))
 
     def extra_repr(self) -> str:

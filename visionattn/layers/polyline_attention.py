@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
 from .fused_linear import fused_linear
+from .padding import exporting
 
 __all__ = [
     'PolylinePathAttention', 'PolylineRoPE', 'segment_sum', 'apply_rope', 'polyline_whole_attention',
@@ -122,19 +123,28 @@ def _rows_per_block(b: int, n: int, h: int, w: int) -> int:
     return max(1, min(h, _block_elements() // max(1, b * n * w * h * w)))
 
 
+def _whole_rows(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, mask_w: torch.Tensor, mask_h: torch.Tensor,
+                r0: int, r1: int) -> torch.Tensor:
+    """Whole-mode output of query rows ``r0:r1`` from flat qf, kf (B, n, L, d), vf (B, n, L, dv)."""
+    b, n, h, w, _ = mask_w.shape
+    z1, z2 = _whole_logits(qf[:, :, r0 * w:r1 * w], kf, mask_w, mask_h, r0, r1)
+    p = torch.softmax(z1.view(b, n, (r1 - r0) * w, h * w), -1) + torch.softmax(
+        z2.view(b, n, (r1 - r0) * w, h * w), -1)
+    return torch.matmul(p, vf).mul_(0.5)
+
+
 def _whole_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_w: torch.Tensor,
                    mask_h: torch.Tensor) -> torch.Tensor:
-    """Whole-mode attention over blocks of query rows; q, k, v (B, n, H, W, d) -> (B, n, H*W, d)."""
+    """Whole-mode attention over blocks of query rows; q, k, v (B, n, H, W, d) -> (B, n, H*W, d).
+
+    While exporting, all rows form one block: a Python loop over a symbolic height would fix the graph
+    to the traced size."""
     b, n, h, w, d = q.shape
     qf, kf, vf = q.reshape(b, n, h * w, d), k.reshape(b, n, h * w, d), v.reshape(b, n, h * w, v.shape[-1])
+    if exporting():
+        return _whole_rows(qf, kf, vf, mask_w, mask_h, 0, h)
     step = _rows_per_block(b, n, h, w)
-    out = []
-    for r0 in range(0, h, step):
-        r1 = min(h, r0 + step)
-        z1, z2 = _whole_logits(qf[:, :, r0 * w:r1 * w], kf, mask_w, mask_h, r0, r1)
-        p = torch.softmax(z1.view(b, n, (r1 - r0) * w, h * w), -1) + torch.softmax(
-            z2.view(b, n, (r1 - r0) * w, h * w), -1)
-        out.append(torch.matmul(p, vf).mul_(0.5))
+    out = [_whole_rows(qf, kf, vf, mask_w, mask_h, r0, min(h, r0 + step)) for r0 in range(0, h, step)]
     return out[0] if len(out) == 1 else torch.cat(out, 2)
 
 
@@ -316,6 +326,8 @@ class _ChunkAttention(torch.autograd.Function):
 
 def _chunk_no_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
                    beta: torch.Tensor) -> torch.Tensor:
+    if exporting():  # all heads in one group: a group size computed from a symbolic map would fix the graph
+        return _chunk_heads(q, k, v, segment_sum(alpha), segment_sum(beta.transpose(2, 3)))
     b, n, h, w, _ = q.shape
     group = min(n, _block_elements() // max(1, b * h * w * (h + w)))  # 0: one head does not fit
     step = max(1, group)

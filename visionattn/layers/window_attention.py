@@ -4,15 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models._features_fx import register_notrace_module
 
-
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad an NHWC map on the bottom/right so H and W are multiples of ``multiple``."""
-    _, H, W, _ = x.shape
-    pad_h = (multiple - H % multiple) % multiple
-    pad_w = (multiple - W % multiple) % multiple
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    return x
+from .padding import crop_to, pad_to_multiple
 
 
 # A leaf for torch.fx feature extraction: the padding branches on the (symbolic) map size.
@@ -43,7 +35,7 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         ws = self.window_size
-        x = pad_to_multiple(x, ws)
+        x = pad_to_multiple(x, ws, channels_last=True)
         Hp, Wp = x.shape[1], x.shape[2]
         nh, nw = Hp // ws, Wp // ws
         # [B, nh, ws, nw, ws, C] -> [B*nh*nw, ws*ws, C]
@@ -53,6 +45,4 @@ class WindowAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.)
         out = out.transpose(1, 2).reshape(B, nh, nw, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
-        if Hp != H or Wp != W:
-            out = out[:, :H, :W]
-        return self.proj_drop(self.proj(out))  # per-token projection, after the crop
+        return self.proj_drop(self.proj(crop_to(out, H, W)))  # per-token projection, after the crop

@@ -28,27 +28,17 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, calculate_drop_path_rates, get_act_layer, trunc_normal_
 from timm.layers.activations import GELU as TimmGELU
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features_fx import register_notrace_function, register_notrace_module
+from timm.models._features_fx import register_notrace_module
 
 from visionattn.layers.channel_attention import ChannelAttention
 from visionattn.layers.conv_pos_enc import ConvPosEnc
 from visionattn.layers.fused_linear import fused_linear
-from visionattn.layers.window_attention import WindowAttention, pad_to_multiple
+from visionattn.layers.padding import crop_to, pad_to_multiple
+from visionattn.layers.window_attention import WindowAttention
 from ._builder import (
     HierarchicalBackbone, Stage, build_visionattn_model, check_state_dict, remap_keys, unwrap_state_dict)
 
 __all__ = ['DaViT', 'SpatialBlock', 'ChannelBlock', 'checkpoint_filter_fn', 'FAMILY_CARD']
-
-
-@register_notrace_function  # shape arithmetic and a data-dependent branch
-def pad_nchw_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad an NCHW map on the right/bottom so H and W are multiples of ``multiple``."""
-    H, W = x.shape[-2], x.shape[-1]
-    pad_h = (multiple - H % multiple) % multiple
-    pad_w = (multiple - W % multiple) % multiple
-    if pad_h > 0 or pad_w > 0:
-        x = F.pad(x, (0, pad_w, 0, pad_h))
-    return x
 
 
 class Stem(nn.Module):
@@ -62,7 +52,7 @@ class Stem(nn.Module):
         self.norm = norm_layer(out_chs, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(pad_nchw_to_multiple(x, self.stride))
+        x = self.conv(pad_to_multiple(x, self.stride))
         # channels-last norm; the result is an NCHW view of NHWC memory, which the stage's blocks use as is
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
@@ -78,7 +68,7 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return self.conv(pad_nchw_to_multiple(x, 2))
+        return self.conv(pad_to_multiple(x, 2))
 
 
 class FusedConvPosEnc(ConvPosEnc):
@@ -108,7 +98,7 @@ class DaViTWindowAttention(WindowAttention):
     def forward(self, x: torch.Tensor, shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, H, W, C = x.shape
         ws = self.window_size
-        x = pad_to_multiple(x, ws)
+        x = pad_to_multiple(x, ws, channels_last=True)
         Hp, Wp = x.shape[1], x.shape[2]
         nh, nw = Hp // ws, Wp // ws
         windows = x.reshape(B, nh, ws, nw, ws, C).transpose(2, 3).reshape(B * nh * nw, ws * ws, C)
@@ -118,8 +108,7 @@ class DaViTWindowAttention(WindowAttention):
             2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.)
         out = out.transpose(1, 2).reshape(B, nh, nw, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
-        if Hp != H or Wp != W:
-            out = out[:, :H, :W]
+        out = crop_to(out, H, W)
         if shortcut is not None and self.training and self.proj_drop.p > 0:
             return shortcut + self.proj_drop(fused_linear(out, self.proj.weight, self.proj.bias))
         return self.proj_drop(fused_linear(out, self.proj.weight, self.proj.bias, residual=shortcut))

@@ -43,9 +43,10 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates, PatchEmbed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features_fx import register_notrace_function, register_notrace_module
+from timm.models._features_fx import register_notrace_module
 
 from visionattn.layers.neighborhood_attention import NeighborhoodAttention2d
+from visionattn.layers.padding import pad_to_multiple
 from ._builder import (
     HierarchicalBackbone, Stage, build_visionattn_model, check_state_dict, init_linear_trunc_normal, remap_keys,
     unwrap_state_dict)
@@ -97,21 +98,14 @@ DINAT_DILATIONS_384 = (13, 6, 3, 1)
 # stems and downsamplers (NCHW in, NCHW out; the norms leave channels-last memory so the NHWC
 # blocks of the following Stage read it without a copy)
 
-def _norm_channels_last(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+class _NormChannelsLast(nn.Module):
+    """Base of the stems and downsamplers: ``self.norm`` applied over the channels of an NCHW map."""
+
+    def _norm_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-@register_notrace_function  # data-dependent padding
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad an NCHW map on the bottom/right so H and W are multiples of ``multiple``."""
-    pad_h = (multiple - x.shape[-2] % multiple) % multiple
-    pad_w = (multiple - x.shape[-1] % multiple) % multiple
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h))
-    return x
-
-
-class ConvTokenizer(nn.Module):
+class ConvTokenizer(_NormChannelsLast):
     """NAT stem: Conv3x3/s2 (in -> C/2) -> Conv3x3/s2 (C/2 -> C), then LayerNorm(C)."""
 
     def __init__(self, in_chans: int, embed_dim: int, norm_layer: Callable = nn.LayerNorm, device=None, dtype=None):
@@ -124,10 +118,10 @@ class ConvTokenizer(nn.Module):
         self.norm = norm_layer(embed_dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _norm_channels_last(self.norm, self.proj(x))
+        return self._norm_nchw(self.proj(x))
 
 
-class ConvDownsampler(nn.Module):
+class ConvDownsampler(_NormChannelsLast):
     """NAT downsample: Conv3x3/s2 (C -> 2C, no bias), then LayerNorm(2C)."""
 
     def __init__(self, dim: int, out_dim: int, norm_layer: Callable = nn.LayerNorm, device=None, dtype=None):
@@ -137,10 +131,10 @@ class ConvDownsampler(nn.Module):
         self.norm = norm_layer(out_dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _norm_channels_last(self.norm, self.reduction(x))
+        return self._norm_nchw(self.reduction(x))
 
 
-class SwinPatchEmbed(nn.Module):
+class SwinPatchEmbed(_NormChannelsLast):
     """DiNAT_s stem: zero-pad to a multiple of the patch, Conv(k = s = patch), LayerNorm."""
 
     def __init__(self, in_chans: int, embed_dim: int, patch_size: int, norm_layer: Callable = nn.LayerNorm,
@@ -152,7 +146,7 @@ class SwinPatchEmbed(nn.Module):
         self.norm = norm_layer(embed_dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _norm_channels_last(self.norm, self.proj(pad_to_multiple(x, self.patch_size)))
+        return self._norm_nchw(self.proj(pad_to_multiple(x, self.patch_size)))
 
 
 class PatchMerging(nn.Module):
