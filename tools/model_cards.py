@@ -4,8 +4,8 @@ Each family module defines ``FAMILY_CARD`` (paper, repo, license, cited accuracy
 official weights, known differences). Parameters and GMACs are measured here: parameters by
 instantiating on the meta device, GMACs with ``torch.utils.flop_counter`` (FLOPs / 2, matmuls and
 convolutions) on meta tensors at the model's default input size and at 224. Measured speed ratios
-from ``tools/benchmark.py --save`` and peak memory from ``tools/benchmark_memory.py --save``
-(``model_cards/measurements.json``) are added when present.
+from ``tools/benchmark.py --save``, peak memory from ``tools/benchmark_memory.py --save`` and onnxruntime
+latency from ``tools/benchmark_onnx.py --save`` (``model_cards/measurements.json``) are added when present.
 
 Usage: python tools/model_cards.py [--out model_cards] [--family davit]
 """
@@ -90,6 +90,15 @@ def render(family, names, measurements):
         lines += ['', 'Peak memory (`python tools/benchmark_memory.py [--train] --official --save`, fresh-process VmHWM, '
                   'which includes the ~0.75 GB of the imported torch + timm):', '']
         lines += [f'- {m}' for m in memory]
+    onnx = [(n, measurements[n]['onnx']) for n in names if 'onnx' in measurements.get(n, {})]
+    if onnx:
+        lines += ['', 'ONNX export (`python tools/export_onnx.py MODEL`; see the README\'s Deploy section). onnxruntime '
+                  'CPU latency against eager PyTorch (`python tools/benchmark_onnx.py --save`, '
+                  f"{onnx[0][1]['setup']}; ratio = PyTorch time / onnxruntime time):", '']
+        lines += [f'- `{n}`: ' + ', '.join(
+            f"batch {key[1:]} {fig['onnx_ms']:.1f} ms vs {fig['torch_ms']:.1f} ms ({fig['ratio']:.2f}×)"
+            for key, fig in sorted(((k, f) for k, f in figures.items() if k != 'setup'), key=lambda kv: int(kv[0][1:])))
+            for n, figures in onnx]
     lines += ['',
         '## Loading official weights', '', card['load_official'], '',
         '## Known differences', '',

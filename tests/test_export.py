@@ -1,0 +1,118 @@
+"""Deployment: torch.export and ONNX (checked in onnxruntime) of the smallest model of every architecture.
+
+The architectures come from the registry (``visionattn.deploy.architecture``: the model name without its
+size / resolution tokens), so a new family is covered without editing this file.
+"""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import visionattn
+from visionattn.deploy import architecture, check_onnx, export_onnx, export_program, smallest_per_architecture
+
+pytest.importorskip('onnxruntime', reason='onnx / onnxruntime come from the test extra (tools/setup.sh installs it)')
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPORT_MODELS = smallest_per_architecture()
+HIERARCHICAL = [m for m in EXPORT_MODELS if not timm.get_pretrained_cfg_value(m, 'fixed_input_size')]
+
+
+def _model(name, **kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    with torch.no_grad():  # every parameter and buffer away from its init (layer scales, BN statistics)
+        for t in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
+            t.add_(torch.randn_like(t) * 0.02)
+    return model
+
+
+def _size(name):
+    return tuple(timm.get_pretrained_cfg_value(name, 'input_size')[1:])
+
+
+def test_architectures_cover_every_family():
+    families = {timm.models._registry._model_to_module[m] for m in visionattn.list_models()}
+    covered = {timm.models._registry._model_to_module[m] for m in EXPORT_MODELS}
+    assert covered == families
+    assert len({architecture(m) for m in EXPORT_MODELS}) == len(EXPORT_MODELS)
+    assert {'nat', 'dinat', 'dinat_s', 'resnet_cbam', 'davit', 'twins_svt', 'ppma'} <= {
+        architecture(m) for m in EXPORT_MODELS}
+
+
+@pytest.mark.parametrize('name', EXPORT_MODELS)
+def test_export_classifier_matches_eager(name, tmp_path):
+    """torch.export (program == eager <= 1e-5, eager untouched afterwards), then ONNX in onnxruntime <= 1e-4."""
+    model = _model(name)
+    x = torch.randn(1, 3, *_size(name))
+    with torch.no_grad():
+        before = model(x)
+        program = export_program(model, _size(name))
+        exported = program.module()(x)
+        after = model(x)
+    torch.testing.assert_close(exported, before, rtol=0, atol=1e-5)
+    # exporting must leave eager untouched (index tables cached while tracing were fake tensors once)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    path = export_onnx(model, str(tmp_path / 'model.onnx'), _size(name), program=program)
+    (row,) = check_onnx(model, path, _size(name))
+    assert row['max_abs_diff'][0] <= 1e-4, row
+
+
+@pytest.mark.parametrize('name', HIERARCHICAL)
+def test_onnx_dynamic_features(name, tmp_path):
+    """``--dynamic --features``: batch, height and width symbolic; every stage <= 1e-4 at a non-square size."""
+    model = _model(name, features_only=True)
+    path = export_onnx(model, str(tmp_path / 'features.onnx'), (224, 224), dynamic='all')
+    rows = check_onnx(model, path, (224, 224), dynamic='all', batch_sizes=(1, 3), check_size=(192, 288))
+    assert [(row['batch'], row['size']) for row in rows] == [
+        (1, (224, 224)), (3, (224, 224)), (1, (192, 288)), (3, (192, 288))]
+    for row in rows:
+        assert len(row['max_abs_diff']) == len(model.feature_info.channels())
+        assert max(row['max_abs_diff']) <= 1e-4, row
+
+
+def test_dynamic_size_of_a_fixed_size_model_is_refused(tmp_path):
+    """ConViT's learned position embedding fixes the grid: a dynamic-size export must not be written silently."""
+    name = 'visionattn_convit_tiny'
+    assert timm.get_pretrained_cfg_value(name, 'fixed_input_size')
+    with pytest.raises(ValueError, match=rf"{name}: dynamic='all' is not supported: .*export with a fixed size "
+                                         r"or dynamic='batch'"):
+        export_onnx(_model(name), str(tmp_path / 'model.onnx'), (224, 224), dynamic='all')
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / 'tools' / 'export_onnx.py'), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_cli_exports_checkpoint_weights(tmp_path):
+    name = 'visionattn_resnet18_cbam'
+    model = _model(name)
+    torch.save({'state_dict': model.state_dict()}, tmp_path / 'weights.pth')
+    out = tmp_path / 'm.onnx'
+    result = _cli(name, '--checkpoint', str(tmp_path / 'weights.pth'), '--img', '96', '128', '--output', str(out),
+                  '--repeats', '1')
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r'onnxruntime batch 1 96x128: max \|diff\| \S+; latency onnxruntime', result.stdout)
+    (row,) = check_onnx(model, str(out), (96, 128))  # the file holds the checkpoint's weights, not a fresh init
+    assert row['max_abs_diff'][0] <= 1e-4
+
+
+@pytest.mark.parametrize('args, message', [
+    (['visionattn_nat_mni'], r"model_name='visionattn_nat_mni'.*did you mean"),
+    (['davit_tiny'], r"model_name='davit_tiny' is not a visionattn model"),
+    (['visionattn_nat_mini', '--img', '224', '224', '3'], r'--img 224 224 3: expected one positive side or H W'),
+    (['visionattn_nat_mini', '--opset', '11'], r'--opset 11: .*needs opset >= 18'),
+    (['visionattn_nat_mini', '--dynamic', 'width'], r"argument --dynamic: invalid choice: 'width'"),
+    (['visionattn_nat_mini', '--checkpoint', 'missing.pth'], r'missing\.pth'),
+])
+def test_cli_bad_input_is_one_error_line(args, message):
+    result = _cli(*args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith('ERROR:') and re.search(message, lines[0]), result.stderr
+    assert 'Traceback' not in result.stderr
