@@ -46,7 +46,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features_fx import register_notrace_module
 
 from visionattn.layers.neighborhood_attention import NeighborhoodAttention2d
-from visionattn.layers.padding import pad_to_multiple
+from visionattn.layers.padding import exporting, pad_to_multiple
 from ._builder import (
     HierarchicalBackbone, Stage, build_visionattn_model, check_state_dict, init_linear_trunc_normal, remap_keys,
     unwrap_state_dict)
@@ -259,7 +259,10 @@ class RelPosSelfAttention(nn.Module):
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias.unsqueeze(0), dropout_p=self.attn_drop if self.training else 0.,
             scale=self.scale)
-        x = x.transpose(1, 2).reshape(B, H, W, C)
+        x = x.transpose(1, 2)
+        if exporting():  # the exporter decomposes SDPA into ops with another output layout than the traced kernel
+            x = x.clone(memory_format=torch.contiguous_format)
+        x = x.reshape(B, H, W, C)
         return self.proj_drop(self.proj(x))
 
 
