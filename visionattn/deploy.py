@@ -93,13 +93,15 @@ def export_program(model: nn.Module, img_size: Tuple[int, int] = (224, 224), dyn
 
 def export_onnx(model: nn.Module, path: str, img_size: Tuple[int, int] = (224, 224), dynamic: Optional[str] = None,
                 opset: int = DEFAULT_OPSET, in_chans: int = 3,
-                program: Optional[torch.export.ExportedProgram] = None) -> str:
+                program: Optional[torch.export.ExportedProgram] = None, optimize: bool = True) -> str:
     """Export ``model`` (eval mode, on CPU) to ONNX at ``path``; input ``x`` [B, in_chans, H, W].
 
     ``img_size`` (H, W) is the traced size. ``dynamic``: None (fixed batch 1 and size), ``'batch'`` or
     ``'all'`` (batch, height and width). Outputs are named ``logits`` for a classifier and ``stage{i}``
     for a ``features_only`` model. ``program``: the :func:`export_program` of ``model`` with the same
-    arguments, when the caller has it already (else it is traced here). Returns ``path``.
+    arguments, when the caller has it already (else it is traced here). ``optimize``: run the exporter's
+    graph optimiser (constant folding, redundant-op removal; onnxruntime optimises again when it loads
+    the file). Returns ``path``.
     """
     _validate(dynamic, opset)
     if program is None:
@@ -107,7 +109,7 @@ def export_onnx(model: nn.Module, path: str, img_size: Tuple[int, int] = (224, 2
     n_out = len(program.graph_signature.user_outputs)
     names = ['logits'] if n_out == 1 and not hasattr(model, 'feature_info') else [f'stage{i}' for i in range(n_out)]
     torch.onnx.export(program, input_names=['x'], output_names=names, opset_version=opset, dynamo=True,
-                      external_data=False, verbose=False, f=path)
+                      external_data=False, verbose=False, optimize=optimize, f=path)
     if dynamic:
         _check_dynamic(model, path, img_size, dynamic, in_chans, list(_dynamic_shapes(dynamic)['x']))
     return path

@@ -16,6 +16,18 @@ def error_message(error):
     return str(error)
 
 
+def run_command(parser, command, argv=None) -> int:
+    """Parse ``argv`` with ``parser`` and call ``command(args)``; a :class:`UserInputError` is printed as one
+    ``ERROR:`` line on stderr and gives exit code 2 (0 otherwise)."""
+    args = parser.parse_args(argv)
+    try:
+        command(args)
+    except UserInputError as e:
+        print(f'ERROR: {error_message(e)}', file=sys.stderr)
+        return 2
+    return 0
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with bad arguments reported as one ``ERROR:`` line (exit 2) instead of usage + message."""
 

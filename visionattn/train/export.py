@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_save, atomic_write, read_weights
-from .errors import ArgumentParser, ParseKwargs, UserInputError
+from .errors import ArgumentParser, ParseKwargs, UserInputError, run_command
 
 
 def _convert_module():
@@ -148,10 +148,4 @@ def export(args):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        export(args)
-    except UserInputError as e:
-        print(f'ERROR: {e}', file=sys.stderr)
-        return 2
-    return 0
+    return run_command(build_parser(), export, argv)

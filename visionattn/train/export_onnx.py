@@ -13,9 +13,8 @@ fresh random inputs (batches 1 and 3 and a second, non-square size for a dynamic
 """
 import argparse
 import os
-import sys
 
-from .errors import ArgumentParser, UserInputError
+from .errors import ArgumentParser, UserInputError, run_command
 from .checkpoint import read_weights
 from .model import build_model, load_model_state, load_weights_file
 
@@ -111,10 +110,4 @@ def export(args):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        export(args)
-    except UserInputError as e:
-        print(f'ERROR: {e}', file=sys.stderr)
-        return 2
-    return 0
+    return run_command(build_parser(), export, argv)
