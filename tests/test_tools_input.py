@@ -4,6 +4,7 @@ one clear error (``ERROR:`` line, exit 2), export takes official and narrowed tr
 The checks run in-process on the library functions the tools call, plus one subprocess per tool for the exact
 command-line contract (one ``ERROR:`` line, exit 2, no traceback).
 """
+import argparse
 import os
 import re
 import subprocess
@@ -79,6 +80,25 @@ def test_malicious_pickle_never_runs_in_the_library_paths(evil):
         trainer.parse_args(['--resume', str(path)])
     with pytest.raises(Exception, match='weights_only=True blocked|[Ww]eights only load failed'):  # timm's own loader, weights_only=True
         timm.create_model('visionattn_davit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert not marker.exists()
+
+
+def test_training_args_namespace_loads_but_not_what_it_hides(tmp_path):
+    """Official DeiT-style checkpoints pickle their argparse ``args``: readable, its values still weights-only."""
+    sd = timm.create_model('visionattn_davit_tiny', **NARROW).state_dict()
+    path = tmp_path / 'best.pth'
+    torch.save({'model': sd, 'epoch': 299, 'args': argparse.Namespace(model='x', lr=1e-3, sizes=[224])}, path)
+    assert read_weights(path)['args'].lr == 1e-3
+    model = timm.create_model('visionattn_davit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                              **NARROW)
+    assert torch.equal(model.state_dict()['head.fc.weight'], sd['head.fc.weight'])
+    marker = tmp_path / 'pwned'
+    torch.save({'model': sd, 'args': argparse.Namespace(payload=WritesMarker(str(marker)))}, path)
+    with pytest.raises(UserInputError, match='pickles Python objects'):
+        read_weights(path)
+    with pytest.raises(Exception, match='weights_only=True blocked|[Ww]eights only load failed'):
+        timm.create_model('visionattn_davit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                          **NARROW)
     assert not marker.exists()
 
 

@@ -1,15 +1,27 @@
 """Reading a weights file a user gives, the one way every tool and code path does it.
 
 ``torch.load(..., weights_only=True)`` (memory-mapped when the file is a zip archive) or safetensors; a
-pickle of Python objects other than tensors and plain containers is refused, never run.
+pickle of Python objects other than tensors and plain containers is refused, never run. The one class
+allowed besides them is ``argparse.Namespace``: the DeiT-style training scripts of several official repositories
+pickle their command-line ``args`` beside the weights, and a Namespace is an attribute bag whose values the
+weights-only unpickler still checks one by one.
 """
+import argparse
+import contextlib
 import os
 import pickle
 import zipfile
 
 import torch
 
-__all__ = ['WeightsFileError', 'load_weights']
+__all__ = ['WeightsFileError', 'load_weights', 'checkpoint_globals']
+
+
+@contextlib.contextmanager
+def checkpoint_globals():
+    """Within: ``torch.load(weights_only=True)`` also accepts ``argparse.Namespace`` (see the module docstring)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        yield
 
 
 class WeightsFileError(ValueError):
@@ -33,7 +45,8 @@ def load_weights(path, what: str = 'checkpoint', map_location='cpu'):
         if path.endswith('.safetensors'):
             from safetensors.torch import load_file
             return load_file(path, device=str(map_location))
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=zipfile.is_zipfile(path))
+        with checkpoint_globals():
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         if 'weights only' in str(e).lower():
             raise WeightsFileError(

@@ -24,6 +24,8 @@ from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
+from ..weights import checkpoint_globals
+
 __all__ = [
     'Stage', 'HierarchicalBackbone', 'build_visionattn_model', 'unwrap_state_dict', 'remap_keys',
     'check_state_dict', 'check_input', 'init_linear_trunc_normal',
@@ -273,26 +275,28 @@ def build_visionattn_model(
         pretrained: bool,
         checkpoint_filter_fn: Callable,
         plain: bool = False,
+        feature_cfg: Optional[Dict] = None,
         **kwargs,
 ):
     """``build_model_with_cfg`` with the feature config of a hierarchical or plain backbone.
 
     Hierarchical backbones expose their stages to ``features_only`` via ``FeatureListNet``
     (stem/stages are top-level children in forward order); plain backbones use
-    ``forward_intermediates`` (``feature_cls='getter'``).
+    ``forward_intermediates`` (``feature_cls='getter'``); ``feature_cfg`` replaces both. Pretrained
+    files (downloaded or ``pretrained_cfg_overlay=dict(file=...)``) are read by timm with
+    ``weights_only=True`` under :func:`visionattn.weights.checkpoint_globals`.
     """
-    if plain:
-        default_out = kwargs.pop('out_indices', 3)
-        feature_cfg = dict(feature_cls='getter', out_indices=default_out)
-    else:
-        default_out = kwargs.pop('out_indices', (0, 1, 2, 3))
-        feature_cfg = dict(flatten_sequential=True, out_indices=default_out)
-    return build_model_with_cfg(
-        model_cls, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=feature_cfg,
-        **kwargs,
-    )
+    if feature_cfg is None and plain:
+        feature_cfg = dict(feature_cls='getter', out_indices=kwargs.pop('out_indices', 3))
+    elif feature_cfg is None:
+        feature_cfg = dict(flatten_sequential=True, out_indices=kwargs.pop('out_indices', (0, 1, 2, 3)))
+    with checkpoint_globals():
+        return build_model_with_cfg(
+            model_cls, variant, pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=feature_cfg,
+            **kwargs,
+        )
 
 
 _CONTAINER_KEYS = ('state_dict', 'model', 'models', 'module', 'model_state', 'state_dict_ema', 'model_ema')

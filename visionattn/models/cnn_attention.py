@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 from timm.models._efficientnet_builder import decode_arch_def, round_channels
 from timm.models.efficientnet import EfficientNet
@@ -37,7 +37,7 @@ from visionattn.layers.cbam import CBAM
 from visionattn.layers.ela import ELA
 from visionattn.layers.triplet_attention import TripletAttention
 
-from ._builder import check_input, check_state_dict, remap_keys, unwrap_state_dict
+from ._builder import build_visionattn_model, check_input, check_state_dict, remap_keys, unwrap_state_dict
 
 __all__ = ['AttentionResNet', 'AttentionMobileNetV2', 'Conv2AttentionBottleneck', 'checkpoint_filter_fn',
            'mmdet_resnet_state_dict']
@@ -229,8 +229,8 @@ def _create_resnet(variant: str, pretrained: bool, block, layers: Sequence[int],
     kwargs.setdefault('zero_init_last', False)  # official init: every BN weight 1 (the gates' own inits aside)
     block_args = {'attn_layer': attn_layer, **(kwargs.pop('block_args', None) or {})}
     # features_only as timm's ResNets: FeatureListNet over the stem activation and layer1..4 (strides 2..32)
-    return build_model_with_cfg(
-        AttentionResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+    return build_visionattn_model(
+        AttentionResNet, variant, pretrained, checkpoint_filter_fn, feature_cfg={},
         block=block, layers=list(layers), block_args=block_args, **kwargs)
 
 
@@ -239,9 +239,9 @@ def _create_mbv2(variant: str, pretrained: bool, default_attn_layer, default_pos
     kwargs.setdefault('attn_layer', default_attn_layer)
     kwargs.setdefault('attn_position', default_position)
     # features_only: the stem and the five stride-changing stages ('blocks.i'), strides 2..32
-    return build_model_with_cfg(
-        AttentionMobileNetV2, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True), **kwargs)
+    return build_visionattn_model(
+        AttentionMobileNetV2, variant, pretrained, checkpoint_filter_fn, feature_cfg=dict(flatten_sequential=True),
+        **kwargs)
 
 
 def _cfg(origin: str, paper: str, paper_ids: str, first_conv='conv1', classifier='fc', **kwargs) -> Dict:
