@@ -13,6 +13,7 @@ import argparse
 import importlib
 import json
 import sys
+import urllib.parse
 from pathlib import Path
 
 import timm
@@ -50,6 +51,19 @@ def measure(name):
     return params, g_default, g_224, default
 
 
+def weight_tags(name):
+    """'`tag` (where pretrained=True downloads it from)' for each tag of ``name`` with downloadable weights."""
+    tags = []
+    for full in timm.list_pretrained(f'{name}.*'):
+        cfg = timm.models.get_pretrained_cfg(full)
+        if cfg.hf_hub_id:
+            source = "timm's HF hub copy" if cfg.hf_hub_id.startswith('timm/') else f'HF hub {cfg.hf_hub_id}'
+        else:
+            source = urllib.parse.urlsplit(cfg.url).netloc
+        tags.append(f'`{cfg.tag}` ({source})')
+    return ', '.join(tags) or '—'
+
+
 def render(family, names, measurements):
     module = importlib.import_module(f'visionattn.models.{family}')
     card = module.FAMILY_CARD
@@ -59,27 +73,27 @@ def render(family, names, measurements):
         f"- Official code: {card['repo']}",
         f"- License: {card['license']}",
         '', '## Variants', '',
-        '| model | params | GMACs @ default size | GMACs @ 224 | input | top-1 (cited) | weights (timm hub) | CPU throughput vs timm (inference / train step) |',
+        '| model | params | GMACs @ default size | GMACs @ 224 | input | top-1 (cited) | `pretrained=True` tags (source) | CPU throughput vs timm (inference / train step) |',
         '|---|---|---|---|---|---|---|---|',
     ]
     for name in names:
         params, g_default, g_224, size = measure(name)
-        cfg = timm.models.get_pretrained_cfg(name)
-        hub = cfg.hf_hub_id or '—'
         acc = card.get('accuracy', {}).get(name, '—')
         meas = measurements.get(name, {})
         parts = [f"{meas[k]:.2f}×{label}" for k, label in (('ratio_vs_timm', ''), ('train_ratio_vs_timm', ' train'))
                  if meas.get(k)]
         speed = ' / '.join(parts) + (f" vs {meas['reference']}" if parts and meas.get('reference') else '') if parts else '—'
         lines.append(
-            f'| `{name}` | {params:,} | {g_default:.2f} | {g_224:.2f} | {size[0]}×{size[1]} | {acc} | {hub} | {speed} |')
+            f'| `{name}` | {params:,} | {g_default:.2f} | {g_224:.2f} | {size[0]}×{size[1]} | {acc} | {weight_tags(name)} | {speed} |')
     setups = sorted({measurements[n][k] for n in names for k in ('setup', 'train_setup') if k in measurements.get(n, {})})
     official = [f"`{n}` {measurements[n]['ratio_vs_official']:.2f}×"
                 + (f" / {measurements[n]['train_ratio_vs_official']:.2f}× train" if 'train_ratio_vs_official' in measurements[n] else '')
                 for n in names if 'ratio_vs_official' in measurements.get(n, {})]
     lines += [
         '', 'GMACs: `torch.utils.flop_counter` (matmul/conv FLOPs ÷ 2), batch 1. Accuracy figures are the '
-        "authors' ImageNet-1k top-1 claims, cited, not reproduced here."]
+        "authors' ImageNet-1k top-1 claims for the weights of the listed tag, cited, not reproduced here; "
+        "`python tools/validate.py --model NAME --pretrained --data-dir IMAGENET --split val` checks one. "
+        "Models without a tag: see \"Loading official weights\"."]
     if setups:
         lines += ['', f"Throughput: `python tools/benchmark.py [--train] [--official] --save`, same-run interleaved "
                   f"ratios ({'; '.join(setups)})."]

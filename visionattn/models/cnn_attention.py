@@ -268,17 +268,18 @@ _MBV2 = dict(first_conv='conv_stem', classifier='classifier')
 default_cfgs = generate_default_cfgs({
     'visionattn_resnet18_cbam': _CBAM(notes=('No released weights.',)),
     'visionattn_resnet34_cbam': _CBAM(notes=('No released weights.',)),
-    'visionattn_resnet50_cbam.official_in1k': _CBAM(notes=(
+    # official weights on Google Drive share pages only (no direct download, so no pretrained tag): see FAMILY_CARD
+    'visionattn_resnet50_cbam': _CBAM(notes=(
         'Official ResNet-50 + CBAM (100 epochs, ACC@1 77.622) on Google Drive (README of the official repo); '
         'load it with pretrained_cfg_overlay=dict(file=...).',)),
     'visionattn_resnet101_cbam': _CBAM(notes=('No released weights.',)),
-    'visionattn_resnet18_triplet.official_in1k': _TRIPLET(notes=(
+    'visionattn_resnet18_triplet': _TRIPLET(notes=(
         'Official ResNet-18 + TA k=7 (71.09) on Google Drive (official README); pretrained_cfg_overlay=dict(file=...).',)),
     'visionattn_resnet34_triplet': _TRIPLET(notes=('No released weights.',)),
-    'visionattn_resnet50_triplet.official_in1k': _TRIPLET(notes=(
+    'visionattn_resnet50_triplet': _TRIPLET(notes=(
         'Official ResNet-50 + TA k=7 (77.48) on Google Drive (official README); pretrained_cfg_overlay=dict(file=...).',)),
     'visionattn_resnet101_triplet': _TRIPLET(notes=('No released weights.',)),
-    'visionattn_mobilenetv2_triplet.official_in1k': _TRIPLET(**_MBV2, notes=(
+    'visionattn_mobilenetv2_triplet': _TRIPLET(**_MBV2, notes=(
         'Official MobileNetV2 + TA k=7 (71.99) on Google Drive (official README); pretrained_cfg_overlay=dict(file=...).',)),
     'visionattn_mobilenetv2_ela_l': _ELA(**_MBV2, notes=('No released ImageNet weights (official repo).',)),
     'visionattn_resnet50_ela_b': _ELA(notes=(
@@ -392,7 +393,9 @@ FAMILY_CARD = dict(
     },
     load_official=(
         "The released CBAM ResNet-50 and Triplet ResNet-18/50 / MobileNetV2 (k=7) checkpoints are Google Drive "
-        "files (links in the official READMEs). Download one, then e.g. "
+        "share pages (links in the official READMEs: https://github.com/Jongchan/attention-module and "
+        "https://github.com/landskape-ai/triplet-attention), not direct downloads, so these models have no "
+        "`pretrained=True` tag. Download one in a browser, then e.g. "
         "`timm.create_model('visionattn_resnet50_cbam', pretrained=True, "
         "pretrained_cfg_overlay=dict(file='RESNET50_CBAM_new_name_wrap.pth'))` -- `checkpoint_filter_fn` reads the "
         "official `{'epoch', 'arch', 'state_dict', 'best_prec1', 'optimizer'}` container (DataParallel `module.` "

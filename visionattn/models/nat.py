@@ -606,10 +606,10 @@ _NAT_CKPT = 'https://shi-labs.com/projects/nat/checkpoints/CLS/'
 _DINAT_CKPT = 'https://shi-labs.com/projects/dinat/checkpoints/'
 
 
-def _cfg(checkpoint: str = '', **kwargs) -> Dict:
-    notes = ('No timm Hub weights. Official raw state dict: ' + checkpoint) if checkpoint else 'No released weights.'
+def _cfg(url: str, **kwargs) -> Dict:
+    """Official raw state dict at ``url`` (shi-labs.com), loaded through ``checkpoint_filter_fn``."""
     cfg = {
-        'url': '',
+        'url': url,
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         # the official validate.py uses timm's defaults (no model cfg): crop 0.875, bicubic
         'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
@@ -619,14 +619,13 @@ def _cfg(checkpoint: str = '', **kwargs) -> Dict:
         'paper_ids': 'arXiv:2204.07143',
         'paper_name': 'Neighborhood Attention Transformer',
         'origin_url': 'https://github.com/SHI-Labs/Neighborhood-Attention-Transformer',
-        'notes': (notes,),
     }
     cfg.update(kwargs)
     return cfg
 
 
-def _dinat_cfg(checkpoint: str = '', **kwargs) -> Dict:
-    return _cfg(checkpoint, paper_ids='arXiv:2209.15001', paper_name='Dilated Neighborhood Attention Transformer',
+def _dinat_cfg(url: str, **kwargs) -> Dict:
+    return _cfg(url, paper_ids='arXiv:2209.15001', paper_name='Dilated Neighborhood Attention Transformer',
                 **kwargs)
 
 
@@ -874,12 +873,12 @@ FAMILY_CARD = dict(
         'visionattn_vitrpb_base': '82.5 (DiNAT.md)',
     },
     load_official=(
-        "Download the official raw state dict (URL in the model's `pretrained_cfg['notes']`, e.g. "
-        "https://shi-labs.com/projects/nat/checkpoints/CLS/nat_tiny.pth), then "
-        "`timm.create_model('visionattn_nat_tiny', pretrained=True, pretrained_cfg_overlay=dict(file='nat_tiny.pth'))`"
-        " -- `checkpoint_filter_fn` renames the natten<=0.17 keys (`levels.i`/`layers.i`, `attn.qkv`/`attn.rpb`/"
-        "`attn.proj`, `gamma1`/`gamma2`), raw or under `model`/`state_dict`, with or without `module.`, and loads "
-        "strictly. There are no timm Hub weights, so `pretrained=True` needs the file."),
+        "`timm.create_model('visionattn_nat_tiny', pretrained=True)` downloads the official raw state dict from "
+        "shi-labs.com (the `url` of each tag, taken from the official `classification/{nat,dinat,dinats,isotropic}.py`"
+        "; timm caches it) and loads it strictly. A file downloaded by hand loads the same way with "
+        "`pretrained_cfg_overlay=dict(file='nat_tiny.pth')` -- `checkpoint_filter_fn` renames the natten<=0.17 keys "
+        "(`levels.i`/`layers.i`, `attn.qkv`/`attn.rpb`/`attn.proj`, `gamma1`/`gamma2`), raw or under "
+        "`model`/`state_dict`, with or without `module.`."),
     differences=[
         'Neighbourhood attention with relative position bias runs without natten (natten >= 0.20 removed RPB and '
         'its CPU kernels): a pure-PyTorch backend reproduces natten<=0.17 semantics (window start clamped, '

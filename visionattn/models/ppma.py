@@ -49,10 +49,13 @@ FAMILY_CARD = dict(
         'visionattn_ppma_base': '85.0 (README; EMA 84.98, non-EMA 84.68 in the training log)',
     },
     load_official=(
-        "timm.create_model('visionattn_ppma_tiny', pretrained=True, "
-        "pretrained_cfg_overlay=dict(file='best.pth')) -- official files under 'model', 'models' or "
+        "`timm.create_model('visionattn_ppma_tiny', pretrained=True)` downloads the official training checkpoint "
+        "(`best.pth` on the Hugging Face hub, ZhongchenZhao/PPMA, the README's links) into the hub cache; a file "
+        "downloaded by hand loads with timm.create_model('visionattn_ppma_tiny', pretrained=True, "
+        "pretrained_cfg_overlay=dict(file='best.pth')). Official files under 'model', 'models' or "
         "'model_ema' (EMA preferred when present, as the README accuracies are EMA; the choice is logged), "
-        "raw or with 'module.' prefixes, are remapped by checkpoint_filter_fn"),
+        "raw or with 'module.' prefixes, are remapped by checkpoint_filter_fn; the pickled training `args` "
+        "(an argparse.Namespace) are read under weights_only=True like everything else"),
     differences=[
         'The whole-mode L x L polyline mask is never materialised: query rows are processed in blocks '
         'and the row / column segment-sum tables are broadcast into the logits. Chunk mode runs head groups '
@@ -301,10 +304,15 @@ def _cfg(**kwargs) -> Dict:
     }
 
 
+_HF_HUB = 'ZhongchenZhao/PPMA'  # the official weights (README of the official repo), training checkpoints best.pth
+
 default_cfgs = generate_default_cfgs({
-    'visionattn_ppma_tiny': _cfg(),
-    'visionattn_ppma_small': _cfg(),
-    'visionattn_ppma_base': _cfg(),
+    'visionattn_ppma_tiny.in1k': _cfg(
+        hf_hub_id=_HF_HUB, hf_hub_filename='checkpoints/classification/PPMA_T_202502251000/best.pth'),
+    'visionattn_ppma_small.in1k': _cfg(
+        hf_hub_id=_HF_HUB, hf_hub_filename='checkpoints/classification/PPMA_S_202504021000/best.pth'),
+    'visionattn_ppma_base.in1k': _cfg(
+        hf_hub_id=_HF_HUB, hf_hub_filename='checkpoints/classification/PPMA_B_202504101400/best.pth'),
 })
 
 

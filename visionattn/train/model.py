@@ -82,6 +82,39 @@ def load_weights_file(name, path, num_classes, classifier_classes=None, **kwargs
         raise UserInputError(f"weights {path} do not fit model {name}: {' '.join(str(e).split())[:400]}") from None
 
 
+def weights_source(cfg: dict) -> str:
+    """Where ``pretrained=True`` fetches the weights of a pretrained cfg (a dict) from ('' when it has none)."""
+    if cfg.get('hf_hub_id'):
+        filename = cfg.get('hf_hub_filename')
+        return f"Hugging Face hub {cfg['hf_hub_id']}" + (f" ({filename})" if filename else '')
+    return cfg.get('url') or ''
+
+
+def create_pretrained(name, **kwargs):
+    """``timm.create_model(name, pretrained=True)``: ``name`` (or ``name.tag``) with its released weights, downloaded
+    once into timm's cache. A model or tag without downloadable weights, a failed download or a file that does not
+    fit is a UserInputError naming the model and the source."""
+    check_model_name(name)
+    try:
+        cfg = timm.models.get_pretrained_cfg(name).to_dict()
+    except RuntimeError as e:  # an unknown tag
+        raise UserInputError(f"model {name!r}: {e} Tags with weights: "
+                             f"{', '.join(timm.list_pretrained(name.split('.')[0] + '.*')) or 'none'}") from None
+    source = weights_source(cfg)
+    if not source:
+        notes = ' '.join(cfg.get('notes') or ())
+        raise UserInputError(f"model {name!r} has no downloadable pretrained weights"
+                             + (f" ({notes})" if notes else '') + '; give a weights file instead')
+    try:
+        return build_model(name, pretrained=True, **kwargs)
+    except OSError as e:  # no network, HTTP errors, missing hub file
+        raise UserInputError(f"could not download the weights of {name} from {source}: "
+                             f"{' '.join(str(e).split())[:300]}") from None
+    except (RuntimeError, KeyError, ValueError, IndexError, AssertionError) as e:  # strict load / filter failures
+        raise UserInputError(f"the weights of {name} from {source} do not fit the model: "
+                             f"{' '.join(str(e).split())[:400]}") from None
+
+
 def load_model_state(model, state_dict, source, arch):
     """load_state_dict(strict) with a clear error naming the checkpoint and its architecture."""
     try:

@@ -6,6 +6,10 @@ top-1, top-5, loss and throughput; ``--confusion-matrix FILE.png`` and ``--resul
 
     python tools/validate.py output/train/<run>/model_best.pth.tar --data-dir output/data/digits
     python tools/validate.py weights.pth --model visionattn_davit_tiny --data-dir /data/imagenet --split val
+    python tools/validate.py --model visionattn_nat_tiny --pretrained --data-dir /data/imagenet --split val
+
+``--pretrained`` evaluates the released weights that ``timm.create_model(MODEL, pretrained=True)`` downloads (the
+official files, at the tag's official eval settings), so anyone with the data can check the cited accuracy.
 """
 import argparse
 import contextlib
@@ -23,7 +27,8 @@ from timm.utils import setup_default_logging
 from .checkpoint import read_weights
 from .data import AugmentedDataset, StrictImageDataset, build_eval_dataset, build_transform, create_loader
 from .errors import ArgumentParser, ParseKwargs, UserInputError, error_message
-from .model import build_model, check_model_name, evaluate, load_model_state, load_weights_file
+from .model import (
+    build_model, check_model_name, create_pretrained, evaluate, load_model_state, load_weights_file, weights_source)
 
 _logger = logging.getLogger('validate')
 
@@ -32,8 +37,11 @@ def build_parser():
     p = ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     flag = argparse.BooleanOptionalAction
-    p.add_argument('checkpoint', help='tools/train.py checkpoint, or a weights file together with --model')
-    p.add_argument('--model', default=None, help='model name (required for plain weights files)')
+    p.add_argument('checkpoint', nargs='?', default=None,
+                   help='tools/train.py checkpoint, or a weights file together with --model')
+    p.add_argument('--model', default=None, help='model name, or name.tag (required for plain weights files)')
+    p.add_argument('--pretrained', action=flag, default=False,
+                   help="evaluate --model's released weights (timm pretrained=True download) instead of a file")
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                    help='create_model kwargs k=v for plain weights')
     p.add_argument('--num-classes', type=int, default=None, help="plain weights: classifier size (default: model's)")
@@ -63,6 +71,15 @@ def load_model(args):
     """Return (model, data config, class names or None, architecture name)."""
     overrides = dict(img_size=args.img_size or args.model_kwargs.get('img_size'), crop_pct=args.crop_pct,
                      mean=args.mean, std=args.std, interpolation=args.interpolation)
+    if args.pretrained:
+        if args.checkpoint:
+            raise UserInputError(f"give a checkpoint ({args.checkpoint}) or --pretrained, not both")
+        if not args.model:
+            raise UserInputError("--pretrained needs --model NAME (the weights of NAME's default or given tag)")
+        model = create_pretrained(args.model, **args.model_kwargs)
+        return model, resolve_data_config(overrides, model=model), None, args.model
+    if not args.checkpoint:
+        raise UserInputError("give a checkpoint file, or --model NAME --pretrained")
     ckpt = read_weights(args.checkpoint)
     if isinstance(ckpt, dict) and 'epoch_complete' in ckpt:  # a tools/train.py checkpoint
         arch = ckpt['arch']
@@ -128,8 +145,8 @@ def validate(args):
     start = time.time()
     metrics, predictions, targets = evaluate(model, loader, device, autocast, args.channels_last, collect=True)
     elapsed = time.time() - start
-    metrics.update(model=arch, checkpoint=args.checkpoint, img_size=data_config['input_size'][-1],
-                   img_per_sec=metrics['count'] / elapsed)
+    metrics.update(model=arch, checkpoint=args.checkpoint or weights_source(model.pretrained_cfg),
+                   img_size=data_config['input_size'][-1], img_per_sec=metrics['count'] / elapsed)
     _logger.info(f"{arch} on {metrics['count']} images: top-1 {metrics['top1']:.2f}%  "
                  f"top-{metrics['k']} {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  {metrics['img_per_sec']:.1f} img/s")
     if args.confusion_matrix:
