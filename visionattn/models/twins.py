@@ -24,6 +24,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, calculate_drop_path_rates
 from timm.models import generate_default_cfgs, register_model
@@ -98,9 +99,9 @@ class TwinsPatchEmbed(nn.Module):
 class TwinsMlp(nn.Module):
     """fc1 -> GELU (exact) -> dropout -> fc2 -> dropout; key names ``fc1`` / ``fc2`` as timm's ``Mlp``.
 
-    The GELU runs in place on the fc1 output: same values, one large buffer fewer in inference
-    (the hidden map is 4-8x the block width). Autograd supports the in-place GELU (it keeps the
-    pre-activation it needs), so training gives the same gradients as ``F.gelu``.
+    Without autograd the GELU runs in place on the fc1 output: same values, one large buffer fewer
+    (the hidden map is 4-8x the block width). With autograd it does not: fc1's output is a view of its
+    matmul result, and an in-place op on a view costs a full-size gradient copy in backward.
     """
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0., device=None, dtype=None):
@@ -112,8 +113,16 @@ class TwinsMlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.ops.aten.gelu_(self.fc1(x))
+        x = self.fc1(x)
+        x = F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)
         return self.drop2(self.fc2(self.drop1(x)))
+
+
+def _add_residual(branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``branch + x``; without autograd in place into ``branch``, a fresh tensor (x + y == y + x exactly),
+    which saves allocating and first-touching a new map. With autograd out of place (the branch output is a
+    view of a matmul result, and an in-place op on it costs a gradient copy in backward)."""
+    return branch + x if torch.is_grad_enabled() else branch.add_(x)
 
 
 class TwinsBlock(nn.Module):
@@ -151,11 +160,8 @@ class TwinsBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # residual adds go in place into the branch output, a fresh tensor (x + y == y + x exactly),
-        # which saves allocating (and first-touching) a new map per residual
-        x = self.drop_path1(self.attn(self.norm1(x))).add_(x)
-        x = self.drop_path2(self.mlp(self.norm2(x))).add_(x)
-        return x
+        x = _add_residual(self.drop_path1(self.attn(self.norm1(x))), x)
+        return _add_residual(self.drop_path2(self.mlp(self.norm2(x))), x)
 
 
 class Twins(HierarchicalBackbone):
