@@ -157,7 +157,7 @@ def test_matches_timm_224(variant, name):
 
 
 def test_gradients_match_timm():
-    """The in-place GELU / residual adds keep autograd exact: same gradients as timm's Twins."""
+    """Training (out-of-place GELU and residual adds under autograd) gives the same gradients as timm's Twins."""
     ours, ref = _timm_pair('visionattn_twins_svt_small', 'twins_svt_small')
     ours.load_state_dict({k: v.clone() for k, v in ours.state_dict().items()})  # unshare storage with ref
     x = torch.randn(2, 3, 64, 96)
