@@ -142,6 +142,18 @@ def test_torch_backend_grads_match_reference(H, W, kernel, dilation):
     _assert_grads_close(got, want, 1e-5)
 
 
+@pytest.mark.parametrize("H,W,kernel,dilation", [(3, 20, 3, (4, 1)), (2, 9, 3, (2, 4)), (4, 5, 3, (1, 2))])
+def test_torch_backend_training_path_on_small_maps(H, W, kernel, dilation):
+    """The CPU training path (explicit softmax, finite out-of-window bias) where the small-input policy
+    applies: outputs and all four gradients equal the independent gather backend in float64."""
+    q, k, v, rpb = (t.double() for t in _inputs(H, W, kernel))
+    grad_out = torch.randn_like(q)
+    got, want = (_grads(lambda *a: neighborhood_attention_2d(*a[:3], kernel, dilation, a[3], backend=name),
+                        (q, k, v, rpb), grad_out) for name in ("torch", "gather"))
+    assert all(torch.isfinite(t).all() for t in got)
+    _assert_grads_close(got, want, 1e-12)
+
+
 @pytest.mark.parametrize("dilation", [1, 2])
 def test_tables_cached_in_inference_mode_serve_autograd(fresh_caches, dilation):
     """An inference-mode call fills the index caches; a training call of the same geometry reuses them,

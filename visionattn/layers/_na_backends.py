@@ -136,6 +136,18 @@ def _torch_plan(size: Pair, kernel: Pair, dilation: Pair, tile: Pair, device: to
     return tuple(t.to(device) for t in (grid(qr, qc), grid(kr, kc), out.reshape(-1), bias))
 
 
+def _masked_attention(q, k, v, bias, scale: float):
+    """softmax(scale·q·kᵀ + bias)·v for [B, M, L, D] inputs and a [1, M, LQ, LK] bias (broadcast over B).
+
+    The training path on CPU, where SDPA would take its math path and its -inf-safe softmax adds three
+    passes over the logits (isneginf, all, where). ``bias`` marks keys outside a window with the dtype's
+    lowest finite value instead of -inf: exp underflows to exactly 0 for them, and a padding query slot with
+    no key at all (an empty dilation group) gets a finite row whose output is dropped and whose gradient is 0.
+    """
+    logits = torch.matmul(q * scale, k.transpose(-1, -2)) + bias
+    return torch.matmul(logits.softmax(-1), v)
+
+
 def na2d_torch(q, k, v, kernel: Pair, dilation: Pair, rpb: Optional[torch.Tensor], scale: float):
     """Pure-PyTorch neighbourhood attention (any device, autograd for q, k, v and rpb).
 
@@ -155,12 +167,17 @@ def na2d_torch(q, k, v, kernel: Pair, dilation: Pair, rpb: Optional[torch.Tensor
         table = q.new_zeros(nh, (2 * kernel[0] - 1) * (2 * kernel[1] - 1))
     else:
         table = rpb.to(q.dtype).reshape(nh, -1)
-    table = torch.cat([table, table.new_full((nh, 1), float("-inf"))], 1)
+    explicit = q.device.type == "cpu" and torch.is_grad_enabled()
+    outside = torch.finfo(table.dtype).min if explicit else float("-inf")
+    table = torch.cat([table, table.new_full((nh, 1), outside)], 1)
     bias = table.index_select(1, bias_idx.view(-1)).view(1, nh * G, LQ, LK)
     if q.is_cuda and bias.requires_grad:  # CUDA's SDPA kernels take no grad of a broadcast mask
         bias = bias.expand(B, -1, -1, -1).contiguous()
-    out = F.scaled_dot_product_attention(gather(q, q_idx, LQ), gather(k, k_idx, LK),
-                                         gather(v, k_idx, LK), attn_mask=bias, scale=scale)
+    qg, kg, vg = gather(q, q_idx, LQ), gather(k, k_idx, LK), gather(v, k_idx, LK)
+    if explicit:
+        out = _masked_attention(qg, kg, vg, bias, scale)
+    else:
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=bias, scale=scale)
     out = out.reshape(B, nh, G * LQ, D).transpose(1, 2).index_select(1, out_idx)
     return out.reshape(B, H, W, nh, D)
 
