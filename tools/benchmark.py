@@ -3,7 +3,7 @@
 For each model, ours and the reference are timed in interleaved rounds (so both see the same
 machine load); the median time per batch gives images/s and the ratio ours / reference.
 Reference: timm's model of the same name without the ``visionattn_`` prefix, or the entry in
-``REFERENCES`` (e.g. NAT is compared with Swin of similar FLOPs, as its paper does; the CNN attention
+``REFERENCES`` (e.g. NAT / DiNAT are compared with Swin of similar FLOPs, as their papers do; the CNN attention
 models with timm's plain ResNet-50 / MobileNetV2). ``--official`` adds a third contender where the tests
 hold a transcription of the official network (``OFFICIAL``: the CBAM / Triplet / ELA CNNs, PPMA), timed in
 the same interleaved rounds.
@@ -32,6 +32,13 @@ REFERENCES = {
     'visionattn_nat_tiny': 'swin_tiny_patch4_window7_224',
     'visionattn_nat_small': 'swin_small_patch4_window7_224',
     'visionattn_nat_base': 'swin_base_patch4_window7_224',
+    'visionattn_dinat_mini': 'swin_tiny_patch4_window7_224',
+    'visionattn_dinat_tiny': 'swin_tiny_patch4_window7_224',
+    'visionattn_dinat_small': 'swin_small_patch4_window7_224',
+    'visionattn_dinat_base': 'swin_base_patch4_window7_224',
+    'visionattn_dinat_s_tiny': 'swin_tiny_patch4_window7_224',
+    'visionattn_dinat_s_small': 'swin_small_patch4_window7_224',
+    'visionattn_dinat_s_base': 'swin_base_patch4_window7_224',
     'visionattn_ppma_tiny': 'swin_tiny_patch4_window7_224',
     'visionattn_ppma_small': 'swin_small_patch4_window7_224',
     'visionattn_ppma_base': 'swin_base_patch4_window7_224',
