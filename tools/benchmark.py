@@ -12,6 +12,10 @@ Usage:
   python tools/benchmark.py --models 'visionattn_davit_tiny' 'visionattn_twins_*' [--batch 8]
                             [--img 224] [--rounds 5] [--train] [--official] [--save]
 ``--save`` merges the ratios into model_cards/measurements.json for tools/model_cards.py.
+
+"peak %": the share of the machine's fp32 matmul peak our model reaches, 2 · GMACs · img/s (a training step
+counted as 3 forward passes) against a 2048² fp32 matmul timed in the same run on the same threads; GMACs by
+``torch.utils.flop_counter`` on the meta device (matmuls and convolutions).
 """
 import argparse
 import json
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import timm
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -75,6 +80,37 @@ def official_model(name):
 def reference_for(name):
     ref = REFERENCES.get(name, name.replace('visionattn_', '', 1))
     return ref if timm.is_model(ref) else None
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 7) -> float:
+    """GFLOP/s of an n x n fp32 matmul on the current threads (median of ``repeats`` after a warm-up)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def gmacs(model: torch.nn.Module, size) -> float:
+    """Multiply-accumulates (G) of one forward pass of a meta-device ``model`` at ``size`` (H, W): matmul and
+    convolution FLOPs / 2 from ``torch.utils.flop_counter``."""
+    with FlopCounterMode(display=False) as counter:
+        model(torch.empty(1, 3, *size, device='meta'))
+    return counter.get_total_flops() / 2e9
+
+
+def create_at(name: str, img: int):
+    """``name`` built for img x img inputs: ``img_size=img`` for models whose input size is fixed at build time
+    (timm's Swin, ConViT), none for the others."""
+    if img != timm.get_pretrained_cfg_value(name, 'input_size')[-1]:
+        try:
+            return timm.create_model(name, img_size=img)
+        except TypeError:  # the model takes any input size and has no img_size argument
+            pass
+    return timm.create_model(name)
 
 
 def make_step(model, x, train):
@@ -135,20 +171,24 @@ def main(argv=None):
     mode = 'train step' if args.train else 'inference'
     print(f'{mode}, batch {args.batch}, {args.img}x{args.img}, fp32, {torch.get_num_threads()} threads, '
           f'median of {args.rounds} interleaved rounds')
-    print(f'{"model":36s} {"ours img/s":>11s} {"reference":>32s} {"ref img/s":>10s} {"ratio":>6s}'
+    print(f'{"model":36s} {"ours img/s":>11s} {"peak %":>7s} {"reference":>32s} {"ref img/s":>10s} {"ratio":>6s}'
           + (f' {"official img/s":>15s} {"vs official":>11s}' if args.official else ''))
+    peak = matmul_peak_gflops()
+    passes = 3 if args.train else 1  # forward + backward ~ 3 forward passes
     results = {}
     for name in names:
         ref = reference_for(name)
-        contenders = {'ours': lambda: timm.create_model(name)}
+        contenders = {'ours': lambda: create_at(name, args.img)}
         if ref:
-            contenders['timm'] = lambda: timm.create_model(ref)
+            contenders['timm'] = lambda: create_at(ref, args.img)
         if args.official and name in OFFICIAL:
             contenders['official'] = lambda: official_model(name)
         ips = bench(contenders, args.batch, args.img, args.rounds, args.train)
         ratio = ips['ours'] / ips['timm'] if 'timm' in ips else None
         vs_official = ips['ours'] / ips['official'] if 'official' in ips else None
-        line = (f'{name:36s} {ips["ours"]:11.1f} {ref or "—":>32s} {ips.get("timm", float("nan")):10.1f} '
+        macs = gmacs(timm.create_model(name, device='meta').eval(), (args.img, args.img))
+        share = 100 * passes * 2 * macs * ips['ours'] / peak
+        line = (f'{name:36s} {ips["ours"]:11.1f} {share:7.1f} {ref or "—":>32s} {ips.get("timm", float("nan")):10.1f} '
                 f'{f"{ratio:.2f}" if ratio else "—":>6s}')
         if args.official:
             line += f' {ips.get("official", float("nan")):15.1f} {f"{vs_official:.2f}" if vs_official else "—":>11s}'
@@ -156,9 +196,11 @@ def main(argv=None):
         key = 'train_' if args.train else ''
         results[name] = {f'{key}img_per_s': round(ips['ours'], 2), f'{key}reference': ref,
                          f'{key}ratio_vs_timm': round(ratio, 3) if ratio else None,
+                         f'{key}share_of_matmul_peak': round(share / 100, 3),
                          f'{key}setup': f'batch {args.batch}, {args.img}px, fp32, {torch.get_num_threads()} threads'}
         if vs_official:
             results[name][f'{key}ratio_vs_official'] = round(vs_official, 3)
+    print(f'fp32 matmul peak (2048², {torch.get_num_threads()} threads): {peak:.1f} GFLOP/s')
     if args.save:
         path = ROOT / 'model_cards' / 'measurements.json'
         data = json.loads(path.read_text()) if path.exists() else {}

@@ -17,12 +17,11 @@ import urllib.parse
 from pathlib import Path
 
 import timm
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import visionattn  # noqa: E402
+from benchmark import gmacs  # noqa: E402  (tools/ is this script's folder)
 
 
 def family_models():
@@ -40,14 +39,9 @@ def measure(name):
     model = timm.create_model(name, device='meta').eval()
     params = sum(p.numel() for p in model.parameters())
 
-    def gmacs(size):
-        with FlopCounterMode(display=False) as counter:
-            model(torch.empty(1, 3, *size, device='meta'))
-        return counter.get_total_flops() / 2e9
-
     default = tuple(cfg.input_size[1:])
-    g_default = gmacs(default)
-    g_224 = g_default if default == (224, 224) or cfg.fixed_input_size else gmacs((224, 224))
+    g_default = gmacs(model, default)
+    g_224 = g_default if default == (224, 224) or cfg.fixed_input_size else gmacs(model, (224, 224))
     return params, g_default, g_224, default
 
 
@@ -62,6 +56,19 @@ def weight_tags(name):
             source = urllib.parse.urlsplit(cfg.url).netloc
         tags.append(f'`{cfg.tag}` ({source})')
     return ', '.join(tags) or '—'
+
+
+def throughput(meas):
+    """'1.22× (80 % of peak) / 1.01× train vs REF' from a model's saved benchmark figures ('—' when none)."""
+    parts = []
+    for prefix, label in (('', ''), ('train_', ' train')):
+        if meas.get(prefix + 'ratio_vs_timm'):
+            share = meas.get(prefix + 'share_of_matmul_peak')
+            parts.append(f"{meas[prefix + 'ratio_vs_timm']:.2f}×{label}"
+                         + (f' ({100 * share:.0f} % of peak)' if share else ''))
+    if not parts:
+        return '—'
+    return ' / '.join(parts) + (f" vs {meas['reference']}" if meas.get('reference') else '')
 
 
 def render(family, names, measurements):
@@ -80,9 +87,7 @@ def render(family, names, measurements):
         params, g_default, g_224, size = measure(name)
         acc = card.get('accuracy', {}).get(name, '—')
         meas = measurements.get(name, {})
-        parts = [f"{meas[k]:.2f}×{label}" for k, label in (('ratio_vs_timm', ''), ('train_ratio_vs_timm', ' train'))
-                 if meas.get(k)]
-        speed = ' / '.join(parts) + (f" vs {meas['reference']}" if parts and meas.get('reference') else '') if parts else '—'
+        speed = throughput(meas)
         lines.append(
             f'| `{name}` | {params:,} | {g_default:.2f} | {g_224:.2f} | {size[0]}×{size[1]} | {acc} | {weight_tags(name)} | {speed} |')
     setups = sorted({measurements[n][k] for n in names for k in ('setup', 'train_setup') if k in measurements.get(n, {})})
@@ -96,7 +101,8 @@ def render(family, names, measurements):
         "Models without a tag: see \"Loading official weights\"."]
     if setups:
         lines += ['', f"Throughput: `python tools/benchmark.py [--train] [--official] --save`, same-run interleaved "
-                  f"ratios ({'; '.join(setups)})."]
+                  f"ratios ({'; '.join(setups)}); % of peak: 2 · GMACs · img/s (training: 3 passes) against a 2048² "
+                  "fp32 matmul timed in the same run."]
     if official:
         lines += [f"Against the tests' transcription of the official network, same run: {', '.join(official)}."]
     memory = [f'`{n}` {text}' for n in names for text in measurements.get(n, {}).get('memory', {}).values()]
