@@ -71,6 +71,15 @@ def build_model(name, **kwargs):
         raise UserInputError(f"model {name} does not accept these arguments {kwargs}: {e}") from None
 
 
+# what timm's strict load and the checkpoint filters raise for weights that do not fit a model
+LOAD_ERRORS = (RuntimeError, KeyError, ValueError, IndexError, AssertionError)
+
+
+def _brief(error, limit=400):
+    """An exception's message on one line, at most ``limit`` characters."""
+    return ' '.join(str(error).split())[:limit]
+
+
 def load_weights_file(name, path, num_classes, classifier_classes=None, **kwargs):
     """``name`` with the weights of ``path`` (any container its checkpoint filter accepts), loaded strictly by timm
     through ``pretrained_cfg_overlay``; a file that does not fit is a UserInputError naming it.
@@ -78,8 +87,8 @@ def load_weights_file(name, path, num_classes, classifier_classes=None, **kwargs
     overlay = dict(file=str(path), num_classes=num_classes if classifier_classes is None else classifier_classes)
     try:
         return build_model(name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **kwargs)
-    except (RuntimeError, KeyError, ValueError, IndexError, AssertionError) as e:  # strict load / filter failures
-        raise UserInputError(f"weights {path} do not fit model {name}: {' '.join(str(e).split())[:400]}") from None
+    except LOAD_ERRORS as e:
+        raise UserInputError(f"weights {path} do not fit model {name}: {_brief(e)}") from None
 
 
 def weights_source(cfg: dict) -> str:
@@ -108,11 +117,9 @@ def create_pretrained(name, **kwargs):
     try:
         return build_model(name, pretrained=True, **kwargs)
     except OSError as e:  # no network, HTTP errors, missing hub file
-        raise UserInputError(f"could not download the weights of {name} from {source}: "
-                             f"{' '.join(str(e).split())[:300]}") from None
-    except (RuntimeError, KeyError, ValueError, IndexError, AssertionError) as e:  # strict load / filter failures
-        raise UserInputError(f"the weights of {name} from {source} do not fit the model: "
-                             f"{' '.join(str(e).split())[:400]}") from None
+        raise UserInputError(f"could not download the weights of {name} from {source}: {_brief(e, 300)}") from None
+    except LOAD_ERRORS as e:
+        raise UserInputError(f"the weights of {name} from {source} do not fit the model: {_brief(e)}") from None
 
 
 def load_model_state(model, state_dict, source, arch):
@@ -120,7 +127,7 @@ def load_model_state(model, state_dict, source, arch):
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:
-        detail = ' '.join(str(e).split())[:400]
+        detail = _brief(e)
         raise UserInputError(f"checkpoint {source} (model {arch}) does not fit this model: {detail}") from None
 
 
