@@ -97,7 +97,10 @@ class Server:
 
 @pytest.fixture
 def server(monkeypatch, tmp_path):
-    return Server(monkeypatch, tmp_path)
+    yield Server(monkeypatch, tmp_path)
+    # the served files and their download copies reach 0.8 GB per large variant: pytest keeps the temp
+    # folders of its last runs, so they are removed here
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def _weights(family, variant, seed=0, timm_layout=False):
