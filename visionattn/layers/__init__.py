@@ -6,3 +6,4 @@ from .cbam import CBAM
 from .ela import ELA
 from .triplet_attention import TripletAttention
 from .polyline_attention import PolylinePathAttention, PolylineRoPE
+from .focused_linear_attention import FocusedLinearAttention, FocusedLinearBranch

@@ -1,0 +1,194 @@
+"""Focused linear attention (FLatten, Han et al., ICCV 2023, arXiv:2308.00442).
+
+For tokens ``(B, N, C)`` of one ``H x W`` window in raster order, with ``k`` already carrying its
+learned absolute position encoding, the official computation (post-2024-05 normalisation) is:
+
+1. ``q, k <- ReLU(.) + 1e-6``, then divided by ``softplus(scale)`` (a ``(1, 1, C)`` parameter);
+2. focusing with ``p = 3`` over all ``C`` channels (before the head split):
+   ``x <- x**p * ||x|| / ||x**p||``;
+3. heads split, ``z = 1 / (q . mean_N(k) + 1e-6)``, ``kv = (k / sqrt(N))^T (v / sqrt(N))``,
+   ``out = (q @ kv) * z``;
+4. rank restoration: ``out += dwc(v)`` where ``v`` is seen as ``(B * heads, d, H, W)`` and ``dwc`` is
+   one depthwise ``k x k`` conv of ``d = C / heads`` channels shared by every head.
+
+Steps 1-3 run in float32 (autocast off), so bf16/fp16 inputs neither overflow the cube nor lose the
+normaliser; the result is returned in the input dtype.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+
+__all__ = ['focused_linear_attention', 'resample_grid_tokens', 'FocusedLinearAttention', 'FocusedLinearBranch']
+
+
+def resample_grid_tokens(tokens: torch.Tensor, grid: Tuple[int, int], size: Tuple[int, int]) -> torch.Tensor:
+    """A learned ``(1, gh * gw, C)`` encoding on the ``grid`` resampled bilinearly to ``size`` (unchanged when equal).
+
+    Bilinear without antialiasing and ``align_corners=False``, as the official PVT ``_get_pos_embed``.
+    """
+    if grid[0] == size[0] and grid[1] == size[1]:
+        return tokens
+    return resample_abs_pos_embed(
+        tokens, new_size=[size[0], size[1]], old_size=[grid[0], grid[1]], num_prefix_tokens=0,
+        interpolation='bilinear', antialias=False)
+
+
+def _focus(x: torch.Tensor, scale: torch.Tensor, focusing_factor: int) -> torch.Tensor:
+    """ReLU + 1e-6, divide by ``scale``, then ``x**p`` rescaled to the norm of ``x`` over the last dim."""
+    x = (F.relu(x) + 1e-6) / scale
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    x = x.pow(focusing_factor)
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True) * norm
+
+
+def _linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
+                      num_heads: int, focusing_factor: int) -> torch.Tensor:
+    """Steps 1-3 in float32 (float64 inputs stay float64): ``(B, N, C)`` q/k/v -> ``(B, N, C)``."""
+    B, N, C = q.shape
+    n = k.shape[1]
+    dt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # float64 stays float64
+    s = F.softplus(scale.to(dt))
+    q = _focus(q.to(dt), s, focusing_factor).reshape(B, N, num_heads, C // num_heads).transpose(1, 2)
+    k = _focus(k.to(dt), s, focusing_factor).reshape(B, n, num_heads, C // num_heads).transpose(1, 2)
+    v = v.to(dt).reshape(B, n, num_heads, C // num_heads).transpose(1, 2)
+    z = 1. / (q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + 1e-6)        # (B, h, N, 1)
+    kv = (k.transpose(-2, -1) * (n ** -0.5)) @ (v * (n ** -0.5))               # (B, h, d, d)
+    return (q @ kv * z).transpose(1, 2).reshape(B, N, C)
+
+
+@torch.jit.ignore
+def _linear_attention_autocast_off(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
+                                   num_heads: int, focusing_factor: int) -> torch.Tensor:
+    """:func:`_linear_attention` with autocast disabled (it would run the matmuls in half precision again)."""
+    if not torch.is_autocast_enabled(q.device.type):
+        return _linear_attention(q, k, v, scale, num_heads, focusing_factor)
+    with torch.autocast(q.device.type, enabled=False):
+        return _linear_attention(q, k, v, scale, num_heads, focusing_factor)
+
+
+def focused_linear_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: torch.Tensor,
+        dwc_weight: torch.Tensor,
+        dwc_bias: Optional[torch.Tensor],
+        num_heads: int,
+        grid: Tuple[int, int],
+        focusing_factor: int = 3,
+) -> torch.Tensor:
+    """Focused linear attention of ``(B, N, C)`` tokens of ``B`` windows of ``grid = (H, W)`` -> ``(B, N, C)``.
+
+    ``k`` already includes its position encoding; ``scale`` is the raw ``(1, 1, C)`` parameter
+    (softplus applied here); ``dwc_weight`` / ``dwc_bias`` those of the shared depthwise ``k x k`` conv
+    over ``C / num_heads`` channels (padding ``k // 2``). No output projection.
+    """
+    B, N, C = q.shape
+    H, W = grid
+    if torch.jit.is_scripting():
+        out = _linear_attention(q, k, v, scale, num_heads, focusing_factor)
+    else:
+        out = _linear_attention_autocast_off(q, k, v, scale, num_heads, focusing_factor)
+    d = C // num_heads
+    # v (B, N, h, d) -> (B * h, d, H, W); dwc -> (B, h * d, N) -> (B, N, C)
+    v_img = v.reshape(B, N, num_heads, d).permute(0, 2, 3, 1).reshape(B * num_heads, d, H, W)
+    rank = F.conv2d(v_img, dwc_weight, dwc_bias, padding=dwc_weight.shape[-1] // 2, groups=d)
+    return out.to(q.dtype) + rank.reshape(B, C, N).transpose(1, 2)
+
+
+class FocusedLinearAttention(nn.Module):
+    """FLatten token mixer for ``(B, N, C)`` tokens of an ``H x W`` map or window (PVT, PVTv2, Swin).
+
+    Parameters keep the official names: ``qkv`` (or ``q`` + ``kv`` with ``separate_q_kv=True``, the
+    PVT form), ``scale`` ``(1, 1, dim)``, ``positional_encoding`` ``(1, gh * gw, dim)`` for the
+    training ``grid_size``, ``dwc`` and ``proj``. At another ``(H, W)`` the encoding is resampled
+    bilinearly on the fly. There is no attention matrix, so ``attn_drop`` has nothing to act on
+    (accepted for the hosts' common mixer signature, as the official module ignores it too).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            grid_size: Tuple[int, int],
+            qkv_bias: bool = True,
+            separate_q_kv: bool = False,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            focusing_factor: int = 3,
+            kernel_size: int = 5,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if dim % num_heads:
+            raise ValueError(f'dim={dim} must be divisible by num_heads={num_heads}')
+        self.num_heads = num_heads
+        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+        self.focusing_factor = focusing_factor
+        head_dim = dim // num_heads
+        # exactly one of the two forms exists; the other attribute is None (TorchScript prunes that branch)
+        self.qkv = None if separate_q_kv else nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd) if separate_q_kv else None
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias, **dd) if separate_q_kv else None
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.dwc = nn.Conv2d(head_dim, head_dim, kernel_size, padding=kernel_size // 2, groups=head_dim, **dd)
+        self.scale = nn.Parameter(torch.zeros(1, 1, dim, **dd))
+        self.positional_encoding = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], dim, **dd))
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        B, N, C = x.shape
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).reshape(B, N, 3, C).unbind(2)
+        else:
+            assert self.q is not None and self.kv is not None
+            q = self.q(x)
+            k, v = self.kv(x).reshape(B, N, 2, C).unbind(2)
+        k = k + resample_grid_tokens(self.positional_encoding, self.grid_size, (H, W))
+        x = focused_linear_attention(q, k, v, self.scale, self.dwc.weight, self.dwc.bias, self.num_heads, (H, W), self.focusing_factor)
+        return self.proj_drop(self.proj(x))
+
+
+class FocusedLinearBranch(nn.Module):
+    """FLatten-CSwin branch: focused linear attention of given q / k / v plus LePE, no projections.
+
+    ``forward(q, k, v, H, W)`` takes ``(B', N, C)`` tokens of ``B'`` windows of ``H x W`` (CSwin's
+    stripes, or the whole map) and returns ``(B', N, C)`` = attention + ``dwc(v)`` + ``get_v(v)``
+    (``get_v``: LePE, depthwise 3x3 over all ``C`` channels). ``scale`` / ``positional_encoding``
+    as in :class:`FocusedLinearAttention`; the focusing runs over the branch width ``C``.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            grid_size: Tuple[int, int],
+            focusing_factor: int = 3,
+            kernel_size: int = 5,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if dim % num_heads:
+            raise ValueError(f'dim={dim} must be divisible by num_heads={num_heads}')
+        self.num_heads = num_heads
+        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+        self.focusing_factor = focusing_factor
+        head_dim = dim // num_heads
+        self.get_v = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)
+        self.dwc = nn.Conv2d(head_dim, head_dim, kernel_size, padding=kernel_size // 2, groups=head_dim, **dd)
+        self.scale = nn.Parameter(torch.zeros(1, 1, dim, **dd))
+        self.positional_encoding = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], dim, **dd))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        B, N, C = q.shape
+        k = k + resample_grid_tokens(self.positional_encoding, self.grid_size, (H, W))
+        x = focused_linear_attention(q, k, v, self.scale, self.dwc.weight, self.dwc.bias, self.num_heads, (H, W), self.focusing_factor)
+        lepe = self.get_v(v.transpose(1, 2).reshape(B, C, H, W)).reshape(B, C, N).transpose(1, 2)
+        return x + lepe
