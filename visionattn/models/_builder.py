@@ -4,7 +4,8 @@ A family file declares its blocks and variant configs; this module supplies the 
 
 * :class:`Stage` -- one stage of a hierarchy: optional downsample (NCHW), blocks (NHWC or
   NCHW, converted once per stage), optional position-encoding generator after the first block,
-  optional relative-position module whose tables every block of the stage receives.
+  optional relative-position module whose tables every block of the stage receives, optional
+  norm of the stage output (PVTv2's ``norm{i}``).
 * :class:`HierarchicalBackbone` -- stem -> stages -> final norm -> head, implementing timm's
   whole model API once (``forward_features`` returns the unpooled NCHW map).
 * :func:`build_visionattn_model` -- ``timm.models.build_model_with_cfg`` with the feature config
@@ -28,7 +29,7 @@ from ..weights import checkpoint_globals
 
 __all__ = [
     'Stage', 'HierarchicalBackbone', 'build_visionattn_model', 'unwrap_state_dict', 'remap_keys',
-    'check_state_dict', 'check_input', 'init_linear_trunc_normal',
+    'check_state_dict', 'check_input', 'init_linear_trunc_normal', 'parse_attn_types',
 ]
 
 
@@ -65,13 +66,40 @@ def init_linear_trunc_normal(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+def parse_attn_types(attn_types: str, depths: Sequence[int]) -> List[List[bool]]:
+    """Expand an official FLatten / Agent ``ATTN_TYPE`` string into one flag per block (True = the mixer).
+
+    The official grammar: one letter per stage, then an optional number ``k``; ``L`` / ``A`` make the stage
+    the family's mixer, ``S`` / ``B`` the host's own attention, ``M`` makes the first ``k`` blocks of that
+    stage the mixer and the rest the host's own (``'LLSS'``, ``'AAMB2'``: stage 3 = 2 mixer blocks).
+    """
+    n = len(depths)
+    letters, suffix = attn_types[:n], attn_types[n:]
+    if len(letters) != n or any(c not in 'LASBM' for c in letters) or not (suffix == '' or suffix.isdigit()) \
+            or (('M' in letters) != (suffix != '')):
+        raise ValueError(
+            f'attn_types={attn_types!r}: expected one letter per stage ({n} stages) from L/A (mixer), '
+            f'S/B (host attention) or M (first k blocks mixer), followed by k exactly when M is used')
+    flags = []
+    for letter, depth in zip(letters, depths):
+        if letter == 'M':
+            k = int(suffix)
+            if k > depth:
+                raise ValueError(f'attn_types={attn_types!r}: M{k} asks for {k} mixer blocks in a stage of {depth}')
+            flags.append([j < k for j in range(depth)])
+        else:
+            flags.append([letter in 'LA'] * depth)
+    return flags
+
+
 class Stage(nn.Module):
     """One stage of a hierarchical backbone.
 
     Input and output are NCHW. ``downsample`` (NCHW -> NCHW) runs first; the blocks then run in
     ``block_fmt`` ('NHWC' or 'NCHW'; the layout conversion happens once per stage, not per block);
     ``pos_block`` (a position-encoding generator, same layout as the blocks) runs after the first
-    block when given, as in CPVT/Twins.
+    block when given, as in CPVT/Twins; ``norm`` (same layout as the blocks) normalises the stage
+    output, so every feature tap of the stage sees it.
     """
 
     def __init__(
@@ -83,6 +111,7 @@ class Stage(nn.Module):
             pos_block: Optional[nn.Module] = None,
             block_fmt: str = 'NHWC',
             rel_pos: Optional[nn.Module] = None,
+            norm: Optional[nn.Module] = None,
     ):
         super().__init__()
         if block_fmt not in ('NHWC', 'NCHW'):
@@ -93,6 +122,7 @@ class Stage(nn.Module):
             self.pos_block = pos_block
         if rel_pos is not None:
             self.rel_pos = rel_pos
+        self.norm = norm if norm is not None else nn.Identity()
         self.channels_last_blocks = block_fmt == 'NHWC'
         self.out_chs = out_chs
         self.reduction = reduction
@@ -120,6 +150,7 @@ class Stage(nn.Module):
         return self._to_nchw(x)
 
     def _to_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
         if self.channels_last_blocks:
             x = x.permute(0, 3, 1, 2)
         return x.contiguous()

@@ -46,10 +46,11 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features_fx import register_notrace_module
 
 from visionattn.layers.neighborhood_attention import NeighborhoodAttention2d
-from visionattn.layers.padding import exporting, pad_to_multiple
+from visionattn.layers.padding import exporting
 from ._builder import (
     HierarchicalBackbone, Stage, build_visionattn_model, check_state_dict, init_linear_trunc_normal, remap_keys,
     unwrap_state_dict)
+from ._embed import NormChannelsLast, PatchMerging, SwinPatchEmbed
 from ._plain import PlainBackbone
 
 __all__ = [
@@ -95,17 +96,9 @@ DINAT_DILATIONS_384 = (13, 6, 3, 1)
 
 
 # ---------------------------------------------------------------------------------------------
-# stems and downsamplers (NCHW in, NCHW out; the norms leave channels-last memory so the NHWC
-# blocks of the following Stage read it without a copy)
+# NAT stem and downsampler (NCHW in, NCHW out; the Swin ones for DiNAT_s are in ._embed)
 
-class _NormChannelsLast(nn.Module):
-    """Base of the stems and downsamplers: ``self.norm`` applied over the channels of an NCHW map."""
-
-    def _norm_nchw(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-class ConvTokenizer(_NormChannelsLast):
+class ConvTokenizer(NormChannelsLast):
     """NAT stem: Conv3x3/s2 (in -> C/2) -> Conv3x3/s2 (C/2 -> C), then LayerNorm(C)."""
 
     def __init__(self, in_chans: int, embed_dim: int, norm_layer: Callable = nn.LayerNorm, device=None, dtype=None):
@@ -121,7 +114,7 @@ class ConvTokenizer(_NormChannelsLast):
         return self._norm_nchw(self.proj(x))
 
 
-class ConvDownsampler(_NormChannelsLast):
+class ConvDownsampler(NormChannelsLast):
     """NAT downsample: Conv3x3/s2 (C -> 2C, no bias), then LayerNorm(2C)."""
 
     def __init__(self, dim: int, out_dim: int, norm_layer: Callable = nn.LayerNorm, device=None, dtype=None):
@@ -132,37 +125,6 @@ class ConvDownsampler(_NormChannelsLast):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._norm_nchw(self.reduction(x))
-
-
-class SwinPatchEmbed(_NormChannelsLast):
-    """DiNAT_s stem: zero-pad to a multiple of the patch, Conv(k = s = patch), LayerNorm."""
-
-    def __init__(self, in_chans: int, embed_dim: int, patch_size: int, norm_layer: Callable = nn.LayerNorm,
-                 device=None, dtype=None):
-        super().__init__()
-        dd = {'device': device, 'dtype': dtype}
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, **dd)
-        self.norm = norm_layer(embed_dim, **dd)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._norm_nchw(self.proj(pad_to_multiple(x, self.patch_size)))
-
-
-class PatchMerging(nn.Module):
-    """Swin patch merging (DiNAT_s): zero-pad odd sizes, gather each 2x2 neighbourhood in the order
-    (0,0), (1,0), (0,1), (1,1) into 4C channels, LayerNorm(4C), Linear 4C -> 2C without bias."""
-
-    def __init__(self, dim: int, out_dim: int, norm_layer: Callable = nn.LayerNorm, device=None, dtype=None):
-        super().__init__()
-        dd = {'device': device, 'dtype': dtype}
-        self.norm = norm_layer(4 * dim, **dd)
-        self.reduction = nn.Linear(4 * dim, out_dim, bias=False, **dd)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = pad_to_multiple(x, 2).permute(0, 2, 3, 1)
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        return self.reduction(self.norm(x)).permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------
