@@ -279,6 +279,15 @@ def test_bad_arguments_are_one_error_line(args, needle, capsys):
     assert e.value.code == 2 and err.startswith('ERROR:') and err.count('\n') == 1 and needle in err
 
 
+def _load_tool(name):
+    """The script ``tools/<name>.py`` as a module (the tools are scripts, not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f'_{name}', ROOT / 'tools' / f'{name}.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
 @pytest.mark.parametrize('args, needle', [
     (['--model', 'visionattn_nope'], "argument --model: 'visionattn_nope' is not a registered model"),
     (['--model', 'visionattn_ppma_tiny', '--img', '0'], 'argument --img: 0: expected H or H W'),
@@ -286,12 +295,19 @@ def test_bad_arguments_are_one_error_line(args, needle, capsys):
     (['--model', 'visionattn_davit_tiny', '--official'], "no official transcription for 'visionattn_davit_tiny'"),
 ])
 def test_benchmark_memory_bad_arguments_are_one_error_line(args, needle, capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        '_benchmark_memory', ROOT / 'tools' / 'benchmark_memory.py')
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     with pytest.raises(SystemExit) as e:
-        tool.main(args)
+        _load_tool('benchmark_memory').main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith('ERROR:') and err.count('\n') == 1 and needle in err
+
+
+@pytest.mark.parametrize('args, needle', [
+    (['--models', 'visionattn_nope'], "argument --models: 'visionattn_nope' is not a registered model"),
+    (['--models', 'visionattn_nat_mini', '--sizes', '16'], '--sizes 16'),
+    (['--models', 'visionattn_nat_mini', '--rounds', '0'], '--rounds 0'),
+])
+def test_benchmark_scaling_bad_arguments_are_one_error_line(args, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        _load_tool('benchmark_scaling').main(args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith('ERROR:') and err.count('\n') == 1 and needle in err

@@ -4,7 +4,7 @@ For each model, ours and the reference are timed in interleaved rounds (so both 
 machine load); the median time per batch gives images/s and the ratio ours / reference.
 Reference: timm's model of the same name without the ``visionattn_`` prefix, or the entry in
 ``REFERENCES`` (e.g. NAT / DiNAT are compared with Swin of similar FLOPs, as their papers do; the CNN attention
-models with timm's plain ResNet-50 / MobileNetV2). ``--official`` adds a third contender where the tests
+models with timm's plain ResNet-50 / MobileNetV2, FLatten with timm's Swin / PVTv2 host). ``--official`` adds a third contender where the tests
 hold a transcription of the official network (``OFFICIAL``: the CBAM / Triplet / ELA CNNs, PPMA), timed in
 the same interleaved rounds.
 
@@ -52,6 +52,12 @@ REFERENCES = {
     'visionattn_resnet50_ela_b': 'resnet50',
     'visionattn_mobilenetv2_triplet': 'mobilenetv2_100',
     'visionattn_mobilenetv2_ela_l': 'mobilenetv2_100',
+    # FLatten replaces the attention of its host: compared with timm's host of the same size
+    'visionattn_flatten_swin_tiny': 'swin_tiny_patch4_window7_224',
+    'visionattn_flatten_swin_small': 'swin_small_patch4_window7_224',
+    'visionattn_flatten_swin_base': 'swin_base_patch4_window7_224',
+    'visionattn_flatten_swin_base_384': 'swin_base_patch4_window12_384',
+    **{f'visionattn_flatten_pvt_v2_b{i}': f'pvt_v2_b{i}' for i in range(6)},
 }
 
 # transcriptions of the official networks in the tests: name -> (module in tests/, factory(module) -> model)
@@ -102,12 +108,13 @@ def gmacs(model: torch.nn.Module, size) -> float:
     return counter.get_total_flops() / 2e9
 
 
-def create_at(name: str, img: int):
-    """``name`` built for img x img inputs: ``img_size=img`` for models whose input size is fixed at build time
-    (timm's Swin, ConViT), none for the others."""
-    if img != timm.get_pretrained_cfg_value(name, 'input_size')[-1]:
+def create_at(name: str, img):
+    """``name`` built for inputs of ``img`` (S or (H, W)): ``img_size=img`` for models whose input size is fixed
+    at build time (timm's Swin, ConViT, FLatten), none for the others."""
+    size = (img, img) if isinstance(img, int) else tuple(img)
+    if size != tuple(timm.get_pretrained_cfg_value(name, 'input_size')[1:]):
         try:
-            return timm.create_model(name, img_size=img)
+            return timm.create_model(name, img_size=size)
         except TypeError:  # the model takes any input size and has no img_size argument
             pass
     return timm.create_model(name)

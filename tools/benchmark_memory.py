@@ -36,16 +36,13 @@ def child(args):
     """Build, run one forward (no grad) or one training step, print the process's VmHWM in bytes."""
     import torch
     sys.path.insert(0, str(ROOT))
-    import timm
     import visionattn  # noqa: F401
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.official:
-        sys.path.insert(0, str(ROOT / 'tools'))
-        from benchmark import official_model
-        model = official_model(args.model)
-    else:
-        model = timm.create_model(args.model)
+    sys.path.insert(0, str(ROOT / 'tools'))
+    from benchmark import create_at, official_model
+    # built for the measured size where its input size is fixed at build time (FLatten's learned encodings)
+    model = official_model(args.model) if args.official else create_at(args.model, args.img)
     x = torch.randn(args.batch, 3, *args.img)
     base = _status_kb(os.getpid(), 'VmRSS')
     t0 = time.perf_counter()

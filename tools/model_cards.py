@@ -4,7 +4,8 @@ Each family module defines ``FAMILY_CARD`` (paper, repo, license, cited accuracy
 official weights, known differences). Parameters and GMACs are measured here: parameters by
 instantiating on the meta device, GMACs with ``torch.utils.flop_counter`` (FLOPs / 2, matmuls and
 convolutions) on meta tensors at the model's default input size and at 224. Measured speed ratios
-from ``tools/benchmark.py --save``, peak memory from ``tools/benchmark_memory.py --save`` and onnxruntime
+from ``tools/benchmark.py --save``, peak memory from ``tools/benchmark_memory.py --save``, input-size scaling
+from ``tools/benchmark_scaling.py --save`` and onnxruntime
 latency from ``tools/benchmark_onnx.py --save`` (``model_cards/measurements.json``) are added when present.
 
 Usage: python tools/model_cards.py [--out model_cards] [--family davit]
@@ -110,6 +111,16 @@ def render(family, names, measurements):
         lines += ['', 'Peak memory (`python tools/benchmark_memory.py [--train] --official --save`, fresh-process VmHWM, '
                   'which includes the ~0.75 GB of the imported torch + timm):', '']
         lines += [f'- {m}' for m in memory]
+    scaling = [(n, measurements[n]['scaling']) for n in names if 'scaling' in measurements.get(n, {})]
+    if scaling:
+        lines += ['', 'Scaling with the input size (`python tools/benchmark_scaling.py --save`, '
+                  f"{scaling[0][1]['setup']}; ×: ratio to the smallest size; a cost linear in the token count "
+                  'grows like the token ratio):', '',
+                  '| model | input | tokens × | forward ms | time × | MB above the model | memory × |',
+                  '|---|---|---|---|---|---|---|']
+        lines += [f"| `{n}` | {r['size']}² | {r['token_ratio']:g} | {r['ms']} | {r['time_ratio']} | "
+                  f"{r['mb_above_model'] if r['mb_above_model'] is not None else '—'} | {r['memory_ratio'] or '—'} |"
+                  for n, table in scaling for r in table['rows']]
     onnx = [(n, measurements[n]['onnx']) for n in names if 'onnx' in measurements.get(n, {})]
     if onnx:
         lines += ['', 'ONNX export (`python tools/export_onnx.py MODEL`; see the README\'s Deploy section). onnxruntime '
