@@ -2,8 +2,10 @@
 from .conv_pos_enc import ConvPosEnc
 from .padding import crop_to, pad_to_multiple
 from .window_attention import WindowAttention
+from .window_attention import SwinWindowAttention, shift_window_mask, window_partition, window_reverse
 from .cbam import CBAM
 from .ela import ELA
 from .triplet_attention import TripletAttention
 from .polyline_attention import PolylinePathAttention, PolylineRoPE
 from .focused_linear_attention import FocusedLinearAttention, FocusedLinearBranch
+from .cswin_attention import CSwinAttention

@@ -20,16 +20,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
+from timm.models._features_fx import register_notrace_function, register_notrace_module
+
+from .padding import exporting
 
 __all__ = ['focused_linear_attention', 'resample_grid_tokens', 'FocusedLinearAttention', 'FocusedLinearBranch']
 
 
+@register_notrace_function  # the branch depends on the (symbolic) map size
 def resample_grid_tokens(tokens: torch.Tensor, grid: Tuple[int, int], size: Tuple[int, int]) -> torch.Tensor:
     """A learned ``(1, gh * gw, C)`` encoding on the ``grid`` resampled bilinearly to ``size`` (unchanged when equal).
 
     Bilinear without antialiasing and ``align_corners=False``, as the official PVT ``_get_pos_embed``.
     """
-    if grid[0] == size[0] and grid[1] == size[1]:
+    if grid[0] == size[0] and grid[1] == size[1] and not exporting():  # exported: the size stays symbolic
         return tokens
     return resample_abs_pos_embed(
         tokens, new_size=[size[0], size[1]], old_size=[grid[0], grid[1]], num_prefix_tokens=0,
@@ -63,7 +67,8 @@ def _linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 def _linear_attention_autocast_off(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
                                    num_heads: int, focusing_factor: int) -> torch.Tensor:
     """:func:`_linear_attention` with autocast disabled (it would run the matmuls in half precision again)."""
-    if not torch.is_autocast_enabled(q.device.type):
+    device_type = q.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return _linear_attention(q, k, v, scale, num_heads, focusing_factor)
     with torch.autocast(q.device.type, enabled=False):
         return _linear_attention(q, k, v, scale, num_heads, focusing_factor)
@@ -99,6 +104,7 @@ def focused_linear_attention(
     return out.to(q.dtype) + rank.reshape(B, C, N).transpose(1, 2)
 
 
+@register_notrace_module  # FX leaf: encodings resampled and autocast checked on the (symbolic) input
 class FocusedLinearAttention(nn.Module):
     """FLatten token mixer for ``(B, N, C)`` tokens of an ``H x W`` map or window (PVT, PVTv2, Swin).
 
@@ -154,6 +160,7 @@ class FocusedLinearAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+@register_notrace_module  # FX leaf, as FocusedLinearAttention
 class FocusedLinearBranch(nn.Module):
     """FLatten-CSwin branch: focused linear attention of given q / k / v plus LePE, no projections.
 
