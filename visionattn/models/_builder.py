@@ -25,11 +25,14 @@ from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
+from ..layers.focused_linear_attention import resample_grid_tokens
+from ..layers.padding import exporting
 from ..weights import checkpoint_globals
 
 __all__ = [
     'Stage', 'HierarchicalBackbone', 'build_visionattn_model', 'unwrap_state_dict', 'remap_keys',
-    'check_state_dict', 'check_input', 'init_linear_trunc_normal', 'parse_attn_types',
+    'check_state_dict', 'check_input', 'check_img_size', 'init_linear_trunc_normal', 'parse_attn_types',
+    'resample_checkpoint_encodings', 'check_host_args',
 ]
 
 
@@ -55,6 +58,56 @@ def check_input(x: torch.Tensor, in_chans: int, min_size: int) -> None:
             f'{min_size}x{min_size}')
 
 
+@torch.jit.ignore
+def check_img_size(x: torch.Tensor, img_size: Tuple[int, int]) -> None:
+    """Refuse an image of another size than the fixed ``img_size`` of a model whose learned encodings are sized
+    to it, naming the fix (skipped while tracing or exporting)."""
+    if torch.jit.is_tracing() or _is_fx_tracing() or exporting():
+        return
+    H, W = x.shape[-2], x.shape[-1]
+    if H != img_size[0] or W != img_size[1]:
+        raise ValueError(
+            f'input: image of {H}x{W} does not match this model\'s input size {img_size[0]}x{img_size[1]} '
+            f'(img_size={tuple(img_size)}: its learned position encodings are sized to it); resize the image, or '
+            f'create the model with img_size=({H}, {W}) (pretrained encodings are resampled) or dynamic_img_size=True')
+
+
+def _square_grid(key: str, module: nn.Module, num_tokens: int) -> Optional[Tuple[int, int]]:
+    side = int(round(num_tokens ** 0.5))
+    return (side, side) if side * side == num_tokens else None
+
+
+def resample_checkpoint_encodings(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        file_grid: Callable[[str, nn.Module, int], Optional[Tuple[int, int]]] = _square_grid,
+        names: Sequence[str] = ('pos_embed', 'positional_encoding'),
+) -> Dict[str, torch.Tensor]:
+    """Resample a checkpoint's learned ``(1, N, C)`` encodings (keys ending in ``names``) to ``model``.
+
+    An encoding whose token count differs from the model's (a model built with ``img_size=`` another size)
+    is read on the grid ``file_grid(key, owner, N)`` (default: a square, as in every official file) and
+    resampled bilinearly to the ``grid_size`` of the module that owns it. Encodings that cannot be read
+    that way are left for :func:`check_state_dict` to report.
+    """
+    out = dict(state_dict)
+    for key, value in state_dict.items():
+        owner_name, _, leaf = key.rpartition('.')
+        if leaf not in names or value.ndim != 3:
+            continue
+        try:
+            owner = model.get_submodule(owner_name)
+        except AttributeError:
+            continue
+        want = getattr(owner, leaf, None)
+        if not isinstance(want, torch.Tensor) or want.shape == value.shape or want.shape[-1] != value.shape[-1]:
+            continue
+        grid = file_grid(key, owner, value.shape[1])
+        if grid is not None:
+            out[key] = resample_grid_tokens(value, grid, owner.grid_size)
+    return out
+
+
 def init_linear_trunc_normal(m: nn.Module) -> None:
     """The common official ViT init (for ``model.apply``): Linear trunc_normal(0.02) + zero bias, LayerNorm 1 / 0."""
     if isinstance(m, nn.Linear):
@@ -64,6 +117,22 @@ def init_linear_trunc_normal(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
+
+
+def check_host_args(depths: Sequence[int], mixers: Optional[Sequence[Sequence]] = None,
+                    **per_stage: Sequence) -> List[List]:
+    """Check a host's per-stage arguments (one entry per stage) and ``mixers`` (one sequence per stage, one
+    entry per block); return the mixers as lists (``None``: the host's own attention in every block)."""
+    num_stages = len(depths)
+    for name, value in per_stage.items():
+        if len(value) != num_stages:
+            raise ValueError(f'{name}={tuple(value)}: expected one entry per stage (depths={tuple(depths)})')
+    mixers = [[None] * d for d in depths] if mixers is None else [list(m) for m in mixers]
+    if [len(m) for m in mixers] != list(depths):
+        raise ValueError(
+            f'mixers: expected one sequence per stage with one entry per block (depths={tuple(depths)}), '
+            f'got lengths {[len(m) for m in mixers]}')
+    return mixers
 
 
 def parse_attn_types(attn_types: str, depths: Sequence[int]) -> List[List[bool]]:

@@ -42,8 +42,8 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, out_dim: int, norm_layer: Callable = nn.LayerNorm, device=None, dtype=None):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False, **dd)  # registered first, as the official module
         self.norm = norm_layer(4 * dim, **dd)
-        self.reduction = nn.Linear(4 * dim, out_dim, bias=False, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_to_multiple(x, 2).permute(0, 2, 3, 1)
