@@ -7,9 +7,11 @@ from layouts import load_layout, num_params, random_state_dict, wrap
 
 
 def family_filter(model):
-    """The ``checkpoint_filter_fn`` of the family file that defines ``model``."""
+    """The ``checkpoint_filter_fn`` of the family file that registers ``model`` (its class may live in a
+    shared host module)."""
     import importlib
-    return importlib.import_module(type(model).__module__).checkpoint_filter_fn
+    module = timm.models.model_entrypoint(model.pretrained_cfg['architecture']).__module__
+    return importlib.import_module(module).checkpoint_filter_fn
 
 
 def meta_model(model_name: str, **kwargs):
