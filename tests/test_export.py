@@ -14,6 +14,7 @@ import torch
 
 import visionattn
 from visionattn.deploy import architecture, check_onnx, export_onnx, export_program, smallest_per_architecture
+from visionattn.models._swin import SwinStem
 
 pytest.importorskip('onnxruntime', reason='onnx / onnxruntime come from the test extra (tools/setup.sh installs it)')
 
@@ -68,11 +69,15 @@ def test_export_classifier_matches_eager(name, tmp_path):
 def test_onnx_dynamic_features(name, tmp_path):
     """``--dynamic --features``: batch, height and width symbolic; every stage <= 1e-4 at a non-square size.
     (Without the exporter's optimiser, which takes most of the export time; the classifier test runs it.)"""
-    model = _model(name, features_only=True)
-    path = export_onnx(model, str(tmp_path / 'features.onnx'), (224, 224), dynamic='all', optimize=False)
-    rows = check_onnx(model, path, (224, 224), dynamic='all', batch_sizes=(1, 3), check_size=(192, 288))
-    assert [(row['batch'], row['size']) for row in rows] == [
-        (1, (224, 224)), (3, (224, 224)), (1, (192, 288)), (3, (192, 288))]
+    # models whose learned encodings fix the input size (FLatten) resample them per input when built dynamic
+    dynamic = dict(dynamic_img_size=True) if timm.get_pretrained_cfg_value(name, 'fixed_input_size') else {}
+    model = _model(name, features_only=True, **dynamic)
+    # a Swin host clamps windows to maps smaller than them (its last stage at 224): a graph holds for the sizes
+    # whose maps are all above or all at the window, so it is traced and checked above (README, Deploy)
+    traced, other = ((256, 320), (288, 352)) if isinstance(model.stem, SwinStem) else ((224, 224), (192, 288))
+    path = export_onnx(model, str(tmp_path / 'features.onnx'), traced, dynamic='all', optimize=False)
+    rows = check_onnx(model, path, traced, dynamic='all', batch_sizes=(1, 3), check_size=other)
+    assert [(row['batch'], row['size']) for row in rows] == [(1, traced), (3, traced), (1, other), (3, other)]
     for row in rows:
         assert len(row['max_abs_diff']) == len(model.feature_info.channels())
         assert max(row['max_abs_diff']) <= 1e-4, row
@@ -119,3 +124,15 @@ def test_cli_bad_input_is_one_error_line(args, message):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith('ERROR:') and re.search(message, lines[0]), result.stderr
     assert 'Traceback' not in result.stderr
+
+
+def test_cli_builds_fixed_size_models_for_the_export_size(tmp_path):
+    """FLatten's encodings fix its input size: the CLI builds the model for --img (encodings of the official-size
+    file resampled) and, with --dynamic, resampling per input, so the graph runs at another size."""
+    name = 'visionattn_flatten_pvt_v2_b0'
+    out = tmp_path / 'f.onnx'
+    result = _cli(name, '--img', '96', '128', '--dynamic', '--features', '--output', str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r'onnxruntime batch 3 \d+x\d+: max \|diff\| \S+', result.stdout), result.stdout
+    fixed = _cli(name, '--img', '96', '--output', str(tmp_path / 'g.onnx'))
+    assert fixed.returncode == 0, fixed.stderr[-2000:]

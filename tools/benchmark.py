@@ -4,9 +4,9 @@ For each model, ours and the reference are timed in interleaved rounds (so both 
 machine load); the median time per batch gives images/s and the ratio ours / reference.
 Reference: timm's model of the same name without the ``visionattn_`` prefix, or the entry in
 ``REFERENCES`` (e.g. NAT / DiNAT are compared with Swin of similar FLOPs, as their papers do; the CNN attention
-models with timm's plain ResNet-50 / MobileNetV2, FLatten with timm's Swin / PVTv2 host). ``--official`` adds a third contender where the tests
-hold a transcription of the official network (``OFFICIAL``: the CBAM / Triplet / ELA CNNs, PPMA), timed in
-the same interleaved rounds.
+models with timm's plain ResNet-50 / MobileNetV2, FLatten with timm's Swin / PVTv2 host). ``--official``
+adds a third contender where the tests hold a transcription of the official network (``OFFICIAL``: the
+CBAM / Triplet / ELA CNNs, PPMA, FLatten), timed in the same interleaved rounds.
 
 Usage:
   python tools/benchmark.py --models 'visionattn_davit_tiny' 'visionattn_twins_*' [--batch 8]
@@ -70,6 +70,12 @@ OFFICIAL = {
     'visionattn_ppma_tiny': ('ppma_reference', lambda ref: ref.PPMARef(**ref.VARIANTS['PPMAViT_T'])),
     'visionattn_ppma_small': ('ppma_reference', lambda ref: ref.PPMARef(**ref.VARIANTS['PPMAViT_S'])),
     'visionattn_ppma_base': ('ppma_reference', lambda ref: ref.PPMARef(**ref.VARIANTS['PPMAViT_B'])),
+    'visionattn_flatten_pvt_tiny': (
+        'pvt_reference', lambda ref: ref.PyramidVisionTransformer(**ref.VARIANTS['flatten_pvt_tiny'])),
+    'visionattn_flatten_pvt_v2_b1': (
+        'pvt_reference', lambda ref: ref.PyramidVisionTransformerV2(**ref.VARIANTS['flatten_pvt_v2_b1'])),
+    'visionattn_flatten_swin_tiny': ('swin_reference', lambda ref: ref.FLattenSwinTransformer()),
+    'visionattn_flatten_cswin_tiny': ('cswin_reference', lambda ref: ref.CSWinTransformer()),
 }
 
 

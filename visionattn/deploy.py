@@ -25,7 +25,7 @@ DEFAULT_OPSET = 18
 DYNAMIC_TOLERANCE = 1e-3  # max |diff| at the probe input beyond which a dynamic graph is rejected
 
 
-_SIZE_TOKEN = re.compile(r'_(tiny|mini|small|base|large|huge|giant|\d+x\d+|\d+)(?=_|$)')
+_SIZE_TOKEN = re.compile(r'_(tiny|mini|small|medium|base|large|huge|giant|\d+x\d+|\d+)(?=_|$)')
 
 
 def architecture(name: str) -> str:

@@ -41,7 +41,19 @@ def _image_size(values):
     return (values[0], values[0]) if len(values) == 1 else tuple(values)
 
 
-def _load_model(args):
+def _size_kwargs(name, img_size, dynamic):
+    """``img_size`` / ``dynamic_img_size`` for a hierarchical model whose learned encodings fix its input size
+    (FLatten): built for the traced size, and resampling its encodings per input for a dynamic-size export."""
+    import timm
+    if not timm.models.get_pretrained_cfg_value(name, 'fixed_input_size'):
+        return {}
+    meta = timm.create_model(name, device='meta')
+    if not hasattr(meta, 'stages') or not hasattr(meta, 'dynamic_img_size'):
+        return {}
+    return dict(img_size=img_size, dynamic_img_size=dynamic == 'all')
+
+
+def _load_model(args, img_size):
     """The model to export (eval, CPU), with the checkpoint's weights when one is given."""
     import timm
     import visionattn
@@ -50,20 +62,21 @@ def _load_model(args):
             visionattn.create_model(args.model)  # raises the clear error (with close names) for a foreign name
         except ValueError as e:
             raise UserInputError(str(e)) from None
-    kwargs = {}
+    kwargs = _size_kwargs(args.model, img_size, args.dynamic)
     if args.checkpoint is None:
-        model = build_model(args.model)
+        model = build_model(args.model, **kwargs)
     else:
         ckpt = read_weights(args.checkpoint, '--checkpoint')
         if isinstance(ckpt, dict) and 'epoch_complete' in ckpt:  # a tools/train.py checkpoint
             if ckpt['arch'] != args.model:
                 raise UserInputError(f"--checkpoint {args.checkpoint} is for model {ckpt['arch']}, not {args.model}")
-            kwargs = dict(ckpt['args'].get('model_kwargs', {}))
+            # the trained model's own settings (its img_size among them) win over the export size
+            kwargs = {**kwargs, **ckpt['args'].get('model_kwargs', {})}
             model = build_model(args.model, num_classes=ckpt['num_classes'], **kwargs)
             load_model_state(model, ckpt['state_dict'], args.checkpoint, args.model)
         else:
             num_classes = timm.models.get_pretrained_cfg_value(args.model, 'num_classes') or 1000
-            model = load_weights_file(args.model, args.checkpoint, num_classes)
+            model = load_weights_file(args.model, args.checkpoint, num_classes, **kwargs)
     if not args.features:
         return model
     features = build_model(args.model, features_only=True, **kwargs)
@@ -88,7 +101,7 @@ def export(args):
         raise UserInputError(f"--opset {opset}: the torch.export-based ONNX exporter needs opset >= {DEFAULT_OPSET}")
     if args.threads < 1 or args.repeats < 0:
         raise UserInputError(f"--threads {args.threads} / --repeats {args.repeats}: expected >= 1 / >= 0")
-    model = _load_model(args)
+    model = _load_model(args, img_size)
     output = args.output or f"{args.model}{'_features' if args.features else ''}.onnx"
     if args.checkpoint and os.path.abspath(output) == os.path.abspath(args.checkpoint):
         raise UserInputError(f"--output {output} would overwrite the checkpoint")
