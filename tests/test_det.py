@@ -65,6 +65,10 @@ SMALLEST = {
     'dinat_s': ('visionattn_dinat_s_tiny', ('nat', 'dinat_s_tiny'), None),
     'nat_isotropic': ('visionattn_nat_isotropic_small', ('nat', 'nat_isotropic_small'), None),
     'ppma': ('visionattn_ppma_tiny', ('ppma', 'PPMAViT_T'), 'ppma_tiny'),
+    'flatten_pvt': ('visionattn_flatten_pvt_tiny', ('flatten', 'flatten_pvt_t'), 'flatten_pvt_tiny'),
+    'flatten_pvt_v2': ('visionattn_flatten_pvt_v2_b0', ('flatten', 'flatten_pvt_v2_b0'), None),
+    'flatten_swin': ('visionattn_flatten_swin_tiny', ('flatten', 'flatten_swin_t'), 'flatten_swin_tiny'),
+    'flatten_cswin': ('visionattn_flatten_cswin_tiny', ('flatten', 'flatten_cswin_t'), None),
     'cnn_attention': ('visionattn_resnet18_cbam', ('cbam', 'resnet18_cbam'), None),
 }
 REGISTERED = set(visionattn.list_models())
@@ -408,6 +412,17 @@ def _batch(model, size, n_obj=3, masks=False):
 
 @pytest.mark.parametrize('family', LANDED)
 def test_retinanet_loss_step_and_predict(family):
+    _retinanet_loss_step_and_predict(family, SIZE)
+
+
+@pytest.mark.parametrize('family', [f for f in ('flatten_swin',) if f in LANDED])
+def test_retinanet_at_detection_resolution(family):
+    """A family whose classifiers are tied to their training size, at a COCO-like 800x1216: the learned
+    encodings follow the map, the global stages stay global."""
+    _retinanet_loss_step_and_predict(family, (800, 1216))
+
+
+def _retinanet_loss_step_and_predict(family, size):
     cfg = _config(family)
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
@@ -415,8 +430,8 @@ def test_retinanet_loss_step_and_predict(family):
     assert isinstance(model.backbone, VisionAttnBackbone)
     assert list(cfg.model.neck.in_channels) == model.backbone.out_channels
     model.train()
-    data = model.data_preprocessor(_batch(model, SIZE), training=True)
-    assert tuple(data['inputs'].shape[-2:]) == SIZE
+    data = model.data_preprocessor(_batch(model, size), training=True)
+    assert tuple(data['inputs'].shape[-2:]) == size
     losses = model(**data, mode='loss')
     total = sum(v.sum() if isinstance(v, torch.Tensor) else sum(x.sum() for x in v) for v in losses.values())
     assert all(torch.isfinite(v if isinstance(v, torch.Tensor) else torch.stack(v)).all() for v in losses.values())
@@ -428,7 +443,7 @@ def test_retinanet_loss_step_and_predict(family):
     assert sum(g.abs().sum() for g in grads.values()) > 0
     model.eval()
     with torch.no_grad():
-        data = model.data_preprocessor(_batch(model, SIZE), training=False)
+        data = model.data_preprocessor(_batch(model, size), training=False)
         res = model(**data, mode='predict')
     assert len(res) == 1 and res[0].pred_instances.bboxes.shape[-1] == 4
 

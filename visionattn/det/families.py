@@ -37,6 +37,11 @@ Where the fields come from (``../shared/specs``):
   stage outputs: the downsample opens the next stage) with a new ``LayerNorm`` (eps 1e-5) ``outnorm{i}``
   per output; the official backbone has no ``frozen_stages`` / ``norm_eval`` (the shared wrapper adds
   both); no decay on the per-head path parameters ``dt_bias`` / ``A_log``.
+* FLatten (flatten_agent_convit_davit_twins.md §2.6): no official detection code. The hosts are used as
+  the PVT / Swin detection backbones are: the four pre-downsample stage outputs; a new LayerNorm
+  (eps 1e-5) per output for the Swin / CSwin hosts, as Swin's detection backbone; none for PVT (PVTv2
+  already normalises each stage with ``norm{i}``). Learned encodings are interpolated to the input
+  (``dynamic_img_size=True``); no decay on them and on the focusing ``scale``.
 """
 import functools
 import re
@@ -107,6 +112,9 @@ def _dinat_s_kwargs(model_name: str, depths: Sequence[int]) -> Dict:
     return dict(dilations=dinat_detection_dilations(depths, DINAT_S_DET_PATTERNS))
 
 
+# FLatten: no decay on the learned encodings and the focusing scale in detection (no official recipe exists)
+_FLATTEN_NO_DECAY = ('pos_embed', 'positional_encoding', '.scale')
+
 # One line per family. Order matters only where patterns overlap (none do).
 DET_FAMILIES: Tuple[DetFamily, ...] = (
     DetFamily('davit', r'^visionattn_davit_', 'visionattn.models.davit', out_norm_eps=1e-5),
@@ -118,6 +126,10 @@ DET_FAMILIES: Tuple[DetFamily, ...] = (
     DetFamily('dinat_s', r'^visionattn_dinat_s_', 'visionattn.models.nat', out_norm_eps=1e-5, no_decay=('rpb',), det_kwargs=_dinat_s_kwargs),
     DetFamily('nat_isotropic', r'^visionattn_(nat_isotropic|dinat_isotropic|vitrpb)_', 'visionattn.models.nat', out_norm_eps=1e-5, plain=True, no_decay=('rpb', 'relative_position')),
     DetFamily('ppma', r'^visionattn_ppma_', 'visionattn.models.ppma', out_norm_eps=1e-5, no_decay=('dt_bias', 'A_log')),
+    DetFamily('flatten_pvt', r'^visionattn_flatten_pvt_(?!v2_)', 'visionattn.models.flatten', no_decay=_FLATTEN_NO_DECAY, model_kwargs=dict(dynamic_img_size=True)),
+    DetFamily('flatten_pvt_v2', r'^visionattn_flatten_pvt_v2_', 'visionattn.models.flatten', no_decay=_FLATTEN_NO_DECAY, model_kwargs=dict(dynamic_img_size=True)),
+    DetFamily('flatten_swin', r'^visionattn_flatten_swin_', 'visionattn.models.flatten', out_norm_eps=1e-5, no_decay=_FLATTEN_NO_DECAY + ('relative_position_bias_table',), model_kwargs=dict(dynamic_img_size=True)),
+    DetFamily('flatten_cswin', r'^visionattn_flatten_cswin_', 'visionattn.models.flatten', out_norm_eps=1e-5, no_decay=_FLATTEN_NO_DECAY, model_kwargs=dict(dynamic_img_size=True)),
     DetFamily('cnn_attention', r'^visionattn_(resnet\d+|mobilenetv2)_(cbam|triplet|ela_[a-z])$', 'visionattn.models.cnn_attention'),
 )
 

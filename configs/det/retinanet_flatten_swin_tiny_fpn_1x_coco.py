@@ -1,0 +1,15 @@
+# RetinaNet 1x (mmdet retinanet_r50_fpn_1x_coco: 12 epochs, steps at 8 and 11, FPN start_level=1)
+# Backbone: FLatten-Swin-T. FLatten releases no detection code; the settings are those of the Swin detection papers
+# (AdamW lr 1e-4, wd 0.05, batch 2 per GPU x 8, drop path 0.2), no decay on norms, the learned encodings
+# (pos_embed / positional_encoding) and the focusing scale; encodings are interpolated to each input (dynamic_img_size).
+# Train: python tools/det_train.py configs/det/retinanet_flatten_swin_tiny_fpn_1x_coco.py --pretrained CKPT
+#   (CKPT: a classification checkpoint, an official one, or tools/export.py output). Needs COCO under data/coco/.
+_base_ = ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py', './_base_/visionattn_1x.py']
+
+model = dict(
+    backbone=dict(_base_.visionattn_backbone, model_name='visionattn_flatten_swin_tiny', drop_path_rate=0.2),
+    neck=dict(in_channels=[96, 192, 384, 768]))
+optim_wrapper = dict(_base_.visionattn_optim_wrapper, paramwise_cfg=dict(
+    _base_.visionattn_optim_wrapper.paramwise_cfg,
+    custom_keys={'pos_embed': _base_.no_decay, 'positional_encoding': _base_.no_decay, '.scale': _base_.no_decay,
+                 'relative_position_bias_table': _base_.no_decay}))
