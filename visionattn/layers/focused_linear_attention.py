@@ -41,16 +41,25 @@ def resample_grid_tokens(tokens: torch.Tensor, grid: Tuple[int, int], size: Tupl
 
 
 def _focus(x: torch.Tensor, scale: torch.Tensor, focusing_factor: int) -> torch.Tensor:
-    """ReLU + 1e-6, divide by ``scale``, then ``x**p`` rescaled to the norm of ``x`` over the last dim."""
-    x = (F.relu(x) + 1e-6) / scale
+    """ReLU + 1e-6, divide by ``scale``, then ``x**p`` rescaled to the norm of ``x`` over the last dim.
+
+    ``(ReLU(x) + 1e-6) / s`` is computed as one ``addcmul``; without autograd the rescaling runs in place
+    (each pass over a fresh map costs as much again in allocation and first touch as in arithmetic).
+    """
+    x = torch.addcmul(1e-6 / scale, F.relu(x), scale.reciprocal())
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     x = x.pow(focusing_factor)
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True) * norm
+    ratio = norm / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x * ratio if torch.is_grad_enabled() else x.mul_(ratio)
 
 
 def _linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
                       num_heads: int, focusing_factor: int) -> torch.Tensor:
-    """Steps 1-3 in float32 (float64 inputs stay float64): ``(B, N, C)`` q/k/v -> ``(B, N, C)``."""
+    """Steps 1-3 in float32 (float64 inputs stay float64): ``(B, N, C)`` q/k/v -> ``(B, N, C)``.
+
+    ``(k / sqrt(n))^T (v / sqrt(n))`` is computed as ``(k^T v) / n``: equal up to rounding, and in float32 the
+    official pre-scaling (which keeps half precision from overflowing) is not needed.
+    """
     B, N, C = q.shape
     n = k.shape[1]
     dt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # float64 stays float64
@@ -58,9 +67,11 @@ def _linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     q = _focus(q.to(dt), s, focusing_factor).reshape(B, N, num_heads, C // num_heads).transpose(1, 2)
     k = _focus(k.to(dt), s, focusing_factor).reshape(B, n, num_heads, C // num_heads).transpose(1, 2)
     v = v.to(dt).reshape(B, n, num_heads, C // num_heads).transpose(1, 2)
-    z = 1. / (q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + 1e-6)        # (B, h, N, 1)
-    kv = (k.transpose(-2, -1) * (n ** -0.5)) @ (v * (n ** -0.5))               # (B, h, d, d)
-    return (q @ kv * z).transpose(1, 2).reshape(B, N, C)
+    z = (q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1)).add_(1e-6).reciprocal_()    # (B, h, N, 1)
+    kv = (k.transpose(-2, -1) @ v).mul_(1. / n)                                          # (B, h, d, d)
+    out = q @ kv
+    out = out * z if torch.is_grad_enabled() else out.mul_(z)
+    return out.transpose(1, 2).reshape(B, N, C)
 
 
 @torch.jit.ignore
@@ -99,9 +110,11 @@ def focused_linear_attention(
         out = _linear_attention_autocast_off(q, k, v, scale, num_heads, focusing_factor)
     d = C // num_heads
     # v (B, N, h, d) -> (B * h, d, H, W); dwc -> (B, h * d, N) -> (B, N, C)
-    v_img = v.reshape(B, N, num_heads, d).permute(0, 2, 3, 1).reshape(B * num_heads, d, H, W)
+    # channels-last views in and out of the conv (oneDNN's depthwise backward is far slower on NCHW-contiguous)
+    v_img = v.reshape(B, N, num_heads, d).transpose(1, 2).reshape(B * num_heads, H, W, d).permute(0, 3, 1, 2)
     rank = F.conv2d(v_img, dwc_weight, dwc_bias, padding=dwc_weight.shape[-1] // 2, groups=d)
-    return out.to(q.dtype) + rank.reshape(B, C, N).transpose(1, 2)
+    rank = rank.permute(0, 2, 3, 1).reshape(B, num_heads, N, d).transpose(1, 2).reshape(B, N, C)
+    return out.to(q.dtype) + rank
 
 
 @register_notrace_module  # FX leaf: encodings resampled and autocast checked on the (symbolic) input

@@ -221,9 +221,16 @@ class SwinWindowAttention(nn.Module):
         B = Bw // nW
         # one GEMM for every window; q/k/v [B, nW * h, N, d], the mask [nW * h, N, N] broadcast over B
         q, k, v = self.qkv(x).reshape(B, nW, N, 3, h, d).permute(3, 0, 1, 4, 2, 5).reshape(3, B, nW * h, N, d).unbind(0)
-        attn_mask = bias.reshape(nW * h, N, N).to(q.dtype).expand(B, nW * h, N, N)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
+        attn_mask = bias.reshape(nW * h, N, N).to(q.dtype)
+        if torch.is_grad_enabled() and q.device.type == 'cpu':
+            # CPU SDPA with a float mask takes its math path under autograd (an -inf-safe softmax costing extra
+            # passes over the logits): matmul -> softmax -> matmul directly is faster to train
+            attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1) + attn_mask, dim=-1)
+            out = F.dropout(attn, self.attn_drop, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask.expand(B, nW * h, N, N),
+                dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
         if exporting():  # the exporter decomposes SDPA into ops with another output layout than the traced kernel
             out = out.clone(memory_format=torch.contiguous_format)
         out = out.reshape(Bw, h, N, d).transpose(1, 2).reshape(Bw, N, C)

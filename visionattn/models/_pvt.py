@@ -36,8 +36,8 @@ from timm.layers import DropPath, calculate_drop_path_rates, to_2tuple, trunc_no
 from visionattn.layers.focused_linear_attention import resample_grid_tokens
 from visionattn.layers.spatial_reduction_attention import SpatialReductionAttention
 from ._builder import (
-    HierarchicalBackbone, Stage, check_host_args, check_img_size, check_state_dict, init_linear_trunc_normal,
-    remap_keys, resample_checkpoint_encodings, unwrap_state_dict)
+    HierarchicalBackbone, Stage, add_residual, check_host_args, check_img_size, check_state_dict, gelu_unless_grad,
+    init_linear_trunc_normal, remap_keys, resample_checkpoint_encodings, unwrap_state_dict)
 
 __all__ = [
     'Pvt', 'PvtV2', 'PvtBlock', 'PvtMlp', 'PvtPatchEmbed', 'PVT_CHECKPOINT_RULES', 'PVT_V2_CHECKPOINT_RULES',
@@ -102,7 +102,6 @@ class PvtMlp(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         self.fc1 = nn.Linear(dim, hidden_dim, **dd)
         self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim, **dd) if dwconv else None
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim, **dd)
         self.drop = nn.Dropout(drop)
 
@@ -111,7 +110,7 @@ class PvtMlp(nn.Module):
         if self.dwconv is not None:
             # the NCHW view of an NHWC tensor has channels-last strides: the conv keeps them, no copies
             x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.drop(self.fc2(self.drop(self.act(x))))
+        return self.drop(self.fc2(self.drop(gelu_unless_grad(x))))
 
 
 class PvtBlock(nn.Module):
@@ -159,8 +158,8 @@ class PvtBlock(nn.Module):
             y = self.attn(y)
         else:
             y = self.attn(y.reshape(B, H * W, C), H, W).reshape(B, H, W, C)
-        x = x + self.drop_path1(y)
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = add_residual(self.drop_path1(y), x)
+        return add_residual(self.drop_path2(self.mlp(self.norm2(x))), x)
 
 
 def _pvt_rules(v2: bool):

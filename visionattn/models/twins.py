@@ -24,7 +24,6 @@ from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, calculate_drop_path_rates
 from timm.models import generate_default_cfgs, register_model
@@ -33,7 +32,8 @@ from ..layers.conv_pos_enc import ConvPosEnc
 from ..layers.spatial_reduction_attention import SpatialReductionAttention
 from ..layers.window_attention import WindowAttention
 from ._builder import (
-    HierarchicalBackbone, Stage, build_visionattn_model, check_state_dict, remap_keys, unwrap_state_dict)
+    HierarchicalBackbone, Stage, add_residual, build_visionattn_model, check_state_dict, gelu_unless_grad, remap_keys,
+    unwrap_state_dict)
 
 __all__ = ['Twins', 'TwinsBlock', 'TwinsMlp', 'TwinsPatchEmbed', 'checkpoint_filter_fn', 'FAMILY_CARD']
 
@@ -99,9 +99,7 @@ class TwinsPatchEmbed(nn.Module):
 class TwinsMlp(nn.Module):
     """fc1 -> GELU (exact) -> dropout -> fc2 -> dropout; key names ``fc1`` / ``fc2`` as timm's ``Mlp``.
 
-    Without autograd the GELU runs in place on the fc1 output: same values, one large buffer fewer
-    (the hidden map is 4-8x the block width). With autograd it does not: fc1's output is a view of its
-    matmul result, and an in-place op on a view costs a full-size gradient copy in backward.
+    Without autograd the GELU runs in place on the fc1 output (:func:`gelu_unless_grad`).
     """
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0., device=None, dtype=None):
@@ -114,15 +112,8 @@ class TwinsMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
-        x = F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)
+        x = gelu_unless_grad(x)
         return self.drop2(self.fc2(self.drop1(x)))
-
-
-def _add_residual(branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``branch + x``; without autograd in place into ``branch``, a fresh tensor (x + y == y + x exactly),
-    which saves allocating and first-touching a new map. With autograd out of place (the branch output is a
-    view of a matmul result, and an in-place op on it costs a gradient copy in backward)."""
-    return branch + x if torch.is_grad_enabled() else branch.add_(x)
 
 
 class TwinsBlock(nn.Module):
@@ -160,8 +151,8 @@ class TwinsBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _add_residual(self.drop_path1(self.attn(self.norm1(x))), x)
-        return _add_residual(self.drop_path2(self.mlp(self.norm2(x))), x)
+        x = add_residual(self.drop_path1(self.attn(self.norm1(x))), x)
+        return add_residual(self.drop_path2(self.mlp(self.norm2(x))), x)
 
 
 class Twins(HierarchicalBackbone):
