@@ -40,17 +40,65 @@ def resample_grid_tokens(tokens: torch.Tensor, grid: Tuple[int, int], size: Tupl
         interpolation='bilinear', antialias=False)
 
 
+class _Focus(torch.autograd.Function):
+    """:func:`_focus` with a closed-form backward that saves only ``x`` and two norms per token.
+
+    With ``y = (ReLU(x) + 1e-6) / s``, ``u = y**p``, ``a = ||y||``, ``b = ||u||``, ``r = a / b`` and ``out = r u``,
+    for an output gradient ``g`` and ``c = g . u`` per token::
+
+        dL/dy = p r y**(p-1) g - p (c r / b**2) y**(2p-1) + (c / (a b)) y
+        dL/dx = dL/dy / s  where x > 0,      dL/ds = -sum(dL/dy * y / s)
+
+    ``y`` and ``u`` are recomputed in backward (a few passes instead of autograd's saved chain of seven maps).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, s: torch.Tensor, p: int) -> torch.Tensor:
+        y = torch.addcmul(1e-6 / s, F.relu(x), s.reciprocal())
+        a = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+        u = y.pow_(p)
+        b = torch.linalg.vector_norm(u, dim=-1, keepdim=True)
+        ctx.save_for_backward(x, s, a, b)
+        ctx.p = p
+        return u.mul_(a / b)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, s, a, b = ctx.saved_tensors
+        p = ctx.p
+        y = torch.addcmul(1e-6 / s, F.relu(x), s.reciprocal())
+        y_pm1 = y.pow(p - 1)
+        c = (g * y_pm1 * y).sum(-1, keepdim=True)                        # g . u
+        r = a / b
+        dy = (g * (p * r)).mul_(y_pm1)                                     # p r y^(p-1) g
+        dy.addcmul_(y_pm1.mul_(y_pm1).mul_(y), c * (-p * r / b ** 2))     # - p (c r / b^2) y^(2p-1)
+        dy.addcmul_(y, c / (a * b))                                       # + (c / (a b)) y
+        ds = None
+        if ctx.needs_input_grad[1]:
+            ds = -(dy * y).sum(dim=tuple(range(dy.ndim - 1)), keepdim=True).reshape(s.shape) / s
+        dx = dy.div_(s).mul_(x > 0) if ctx.needs_input_grad[0] else None
+        return dx, ds, None
+
+
+@torch.jit.ignore
+def _focus_trained(x: torch.Tensor, scale: torch.Tensor, focusing_factor: int) -> torch.Tensor:
+    return _Focus.apply(x, scale, focusing_factor)
+
+
 def _focus(x: torch.Tensor, scale: torch.Tensor, focusing_factor: int) -> torch.Tensor:
     """ReLU + 1e-6, divide by ``scale``, then ``x**p`` rescaled to the norm of ``x`` over the last dim.
 
-    ``(ReLU(x) + 1e-6) / s`` is computed as one ``addcmul``; without autograd the rescaling runs in place
-    (each pass over a fresh map costs as much again in allocation and first touch as in arithmetic).
+    ``(ReLU(x) + 1e-6) / s`` is computed as one ``addcmul``; without autograd the rest runs in place (each pass
+    over a fresh map costs as much again in allocation and first touch as in arithmetic), with autograd
+    through :class:`_Focus` (TorchScript: plain autograd).
     """
-    x = torch.addcmul(1e-6 / scale, F.relu(x), scale.reciprocal())
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    x = x.pow(focusing_factor)
-    ratio = norm / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x * ratio if torch.is_grad_enabled() else x.mul_(ratio)
+    if not torch.jit.is_scripting() and torch.is_grad_enabled():
+        return _focus_trained(x, scale, focusing_factor)
+    y = torch.addcmul(1e-6 / scale, F.relu(x), scale.reciprocal())
+    norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+    y = y.pow(focusing_factor)
+    ratio = norm / torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+    return y * ratio if torch.is_grad_enabled() else y.mul_(ratio)
 
 
 def _linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
