@@ -222,7 +222,8 @@ def test_mixer_factories_get_branch_width_heads_and_window():
     assert calls == [(64, 2, (24, 32)), (64, 2, (12, 4)), (64, 2, (4, 16)), (128, 4, (6, 7)), (128, 4, (7, 8)),
                      (512, 16, (3, 4))]
     assert [b.split_size for b in model.stages[2].blocks] == [3, 7]
-    with pytest.raises(ValueError, match='mixers\\[2\\] has 1 entries'):
+    with pytest.raises(ValueError, match=r'mixers: expected one sequence per stage with one entry per block '
+                                         r'\(depths=\(1, 1, 2, 1\)\), got lengths \[1, 1, 1, 1\]'):
         timm.create_model(TINY, depths=depths, mixers=[[None]] * 4, device='meta')
 
 

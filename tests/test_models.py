@@ -1,8 +1,9 @@
 """The model API matrix, parametrised over every registered ``visionattn_*`` model.
 
-Models above ``FULL_TEST_MAX_PARAMS`` parameters are checked on the meta device (creation, cfg,
-feature info, output shapes) so the suite stays within minutes on two CPU cores; the smaller
-variants of the same family exercise the identical code with real numbers.
+Models above ``FULL_TEST_MAX_PARAMS`` parameters (and the larger variants of ``DEPTH_WIDTH_ONLY`` families)
+are checked on the meta device (creation, cfg, feature info, output shapes) so the suite stays within
+minutes on two CPU cores; the smaller variants of the same family exercise the identical code with real
+numbers.
 """
 import io
 
@@ -12,6 +13,7 @@ import torch
 from timm.models._manipulate import reinit_non_persistent_buffers
 
 import visionattn
+from visionattn.deploy import smallest_per_architecture
 from official_checks import family_filter, meta_model
 from layouts import num_params
 
@@ -42,8 +44,14 @@ for _name in MODELS:
     FAMILIES.setdefault(timm.models._registry._model_to_module[_name], []).append(_name)
 # The smallest model of each family for the torch.compile smoke test.
 COMPILE_MODELS = sorted(min(names, key=SIZES.get) for names in FAMILIES.values())
-SMALL = [m for m in MODELS if SIZES[m] <= FULL_TEST_MAX_PARAMS]
-BIG = [m for m in MODELS if SIZES[m] > FULL_TEST_MAX_PARAMS]
+# Families whose variants of one architecture differ only in depth and width (the same blocks, stems and
+# mixers): the smallest variant of each architecture runs the real-number matrix, the others the meta-device
+# checks; their own fidelity tests build every variant.
+DEPTH_WIDTH_ONLY = ('visionattn_flatten_',)
+_SMALLEST = set(smallest_per_architecture())
+SMALL = [m for m in MODELS
+         if SIZES[m] <= FULL_TEST_MAX_PARAMS and (not m.startswith(DEPTH_WIDTH_ONLY) or m in _SMALLEST)]
+BIG = [m for m in MODELS if m not in SMALL]
 
 
 def _build_kwargs(name):
@@ -373,3 +381,16 @@ def test_bad_inputs(name, tmp_path):
     torch.save({'state_dict': missing}, path)
     with pytest.raises(ValueError, match='missing'):
         timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_parse_attn_types_follows_the_official_grammar():
+    """FLatten / Agent ATTN_TYPE: one letter per stage, k after the letters for the one 'M' stage."""
+    from visionattn.models._builder import parse_attn_types
+    assert parse_attn_types('LLSS', (2, 2, 6, 2)) == [[True] * 2, [True] * 2, [False] * 6, [False] * 2]
+    assert parse_attn_types('AAMB2', (2, 2, 18, 2))[2] == [True, True] + [False] * 16  # Agent-Swin-B
+    assert parse_attn_types('BBBB', (1, 1, 1, 1)) == [[False]] * 4
+    for bad in ('LLS', 'LLSS2', 'AAMB', 'LLXS'):
+        with pytest.raises(ValueError, match=f"attn_types='{bad}'"):
+            parse_attn_types(bad, (2, 2, 6, 2))
+    with pytest.raises(ValueError, match='M9 asks for 9 mixer blocks in a stage of 6'):
+        parse_attn_types('LLMS9', (2, 2, 6, 2))

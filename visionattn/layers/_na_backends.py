@@ -26,7 +26,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 Pair = Tuple[int, int]
 
 
-def _table_cache(maxsize: int):
+def table_cache(maxsize: int):
     """``functools.lru_cache`` for index-table builders; a miss builds real tensors outside inference mode.
 
     Tables cached during a ``torch.inference_mode()`` call would be inference tensors, which autograd
@@ -75,7 +75,7 @@ def _tile(length: int, kernel: int, dilation: int) -> int:
     return group if group <= TORCH_TILE + kernel - 1 else TORCH_TILE
 
 
-@_table_cache(64)
+@table_cache(64)
 def _axis_plan(length: int, kernel: int, dilation: int, tile: int):
     """Index tables for one axis (CPU tensors).
 
@@ -107,7 +107,7 @@ def _axis_plan(length: int, kernel: int, dilation: int, tile: int):
     return q_src, k_src, slot, valid, rel
 
 
-@_table_cache(32)
+@table_cache(32)
 def _torch_plan(size: Pair, kernel: Pair, dilation: Pair, tile: Pair, device: torch.device):
     """Flat gather indices over the H·W tokens, in tile order [d_r, d_c, nT_r, nT_c, ·, ·]:
     q_idx [G·T_r·T_c], k_idx [G·Hl_r·Hl_c], out_idx [H·W] (where each token's output sits),
@@ -230,7 +230,7 @@ def na2d_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Tuple
 # P = ceil(L/d); slot (g, p_r, p_c) is flattened as (g·P_r + p_r)·P_c + p_c.
 # --------------------------------------------------------------------------------------------
 
-@_table_cache(32)
+@table_cache(32)
 def rpb_classes(size: Pair, kernel: Pair, dilation: Pair, device: torch.device):
     """RPB of the group layout as kh·kw window-offset classes (contention-free RPB gradients).
 
@@ -280,14 +280,14 @@ def from_groups(y: torch.Tensor, size: Pair, dilation: Pair) -> torch.Tensor:
         2, _group_dst(size[1], dc, y.device))
 
 
-@_table_cache(64)
+@table_cache(64)
 def _group_src(length: int, dilation: int, device: torch.device) -> torch.Tensor:
     p = torch.arange(_ceil_div(length, dilation))
     g = torch.arange(dilation).view(-1, 1)
     return (p * dilation + g).clamp(max=length - 1).reshape(-1).to(device)
 
 
-@_table_cache(64)
+@table_cache(64)
 def _group_dst(length: int, dilation: int, device: torch.device) -> torch.Tensor:
     i = torch.arange(length)
     return ((i % dilation) * _ceil_div(length, dilation) + i // dilation).to(device)
@@ -310,7 +310,7 @@ def _flex_fn(device_type: str, compile: bool):
     return _flex_compiled[device_type]
 
 
-@_table_cache(32)
+@table_cache(32)
 def _flex_tables(size: Pair, kernel: Pair, dilation: Pair, device: torch.device):
     """Per-axis window starts ``[d, P]`` and group lengths ``[d]``, plus the block sparsity
     (kv_num_blocks ``[1, 1, nQB]``, kv_indices ``[1, 1, nQB, nKB]``) of the flattened group

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
-from ._na_backends import _table_cache
-from .padding import crop_to, exporting
+from ._na_backends import table_cache
+from .padding import crop_to, exporting, pad_to_multiple
 
 __all__ = [
     'window_partition', 'window_reverse', 'shift_window_mask', 'relative_position_index', 'WindowAttention',
@@ -51,13 +51,16 @@ def window_partition(x: torch.Tensor, window: Pair, shift: Pair = (0, 0)) -> tor
 
 
 @register_notrace_function  # the crop and shift depend on the (symbolic) map size
-def window_reverse(windows: torch.Tensor, window: Pair, shift: Pair, H: int, W: int) -> torch.Tensor:
-    """Inverse of :func:`window_partition` for an ``H x W`` map: windows -> NHWC ``[B, H, W, C]``."""
+def window_reverse(windows: torch.Tensor, window: Pair, shift: Pair, B: int, H: int, W: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition` for a batch of ``B`` ``H x W`` maps: windows -> NHWC ``[B, H, W, C]``.
+
+    ``B`` is given, not derived from the window count: a derived batch is a size expression a dynamic-shape
+    export cannot simplify (the graph then fails at another input size), and an empty batch has no -1.
+    """
     wh, ww = window
     Hp, Wp = _padded(H, wh), _padded(W, ww)
     nh, nw = Hp // wh, Wp // ww
     C = windows.shape[-1]
-    B = windows.shape[0] // (nh * nw)  # explicit sizes: a reshape cannot infer -1 for an empty batch
     x = windows.reshape(B, nh, nw, wh, ww, C).transpose(2, 3).reshape(B, Hp, Wp, C)
     if shift[0] > 0 or shift[1] > 0:
         x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
@@ -83,7 +86,7 @@ def _build_shift_window_mask(Hp: int, Wp: int, window: Pair, shift: Pair, device
     return mask.masked_fill(label[:, None, :] != label[:, :, None], -100.)
 
 
-_cached_shift_window_mask = _table_cache(32)(_build_shift_window_mask)
+_cached_shift_window_mask = table_cache(32)(_build_shift_window_mask)
 
 
 def shift_window_mask(H: int, W: int, window: Pair, shift: Pair, device: torch.device) -> torch.Tensor:
@@ -112,7 +115,7 @@ def _build_relative_position_index(window: Pair, table_window: Pair, device: tor
     return (dr * (2 * tw - 1) + dc).reshape(-1)
 
 
-_cached_relative_position_index = _table_cache(64)(_build_relative_position_index)
+_cached_relative_position_index = table_cache(64)(_build_relative_position_index)
 
 
 def relative_position_index(window: Pair, table_window: Pair, device: torch.device) -> torch.Tensor:
@@ -156,15 +159,19 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        window = (self.window_size, self.window_size)
-        windows = window_partition(x, window)
-        Bw, N = windows.shape[0], windows.shape[1]
+        ws = self.window_size
+        # the partition inline, not window_partition / window_reverse: sizes taken from the padded tensor keep
+        # a dynamic-size export valid at other sizes (Twins' test fails with the sizes recomputed from H, W)
+        x = pad_to_multiple(x, ws, channels_last=True)
+        Hp, Wp = x.shape[1], x.shape[2]
+        nh, nw = Hp // ws, Wp // ws
+        windows = x.reshape(B, nh, ws, nw, ws, C).transpose(2, 3).reshape(B * nh * nw, ws * ws, C)
         # explicit sizes, no -1: a reshape cannot infer a dimension of an empty (batch 0) tensor
-        qkv = self.qkv(windows).reshape(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(windows).reshape(B * nh * nw, ws * ws, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.)
-        out = window_reverse(out.transpose(1, 2).reshape(Bw, N, C), window, (0, 0), H, W)
-        return self.proj_drop(self.proj(out))  # per-token projection, after the crop
+        out = out.transpose(1, 2).reshape(B, nh, nw, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
+        return self.proj_drop(self.proj(crop_to(out, H, W)))  # per-token projection, after the crop
 
 
 class SwinWindowAttention(nn.Module):

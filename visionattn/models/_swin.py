@@ -160,7 +160,7 @@ class SwinBlock(nn.Module):
             y = self.attn(y, wh, ww, mask)
         else:
             y = self.attn(y, wh, ww)
-        x = x + self.drop_path1(window_reverse(y, (wh, ww), (sh, sw), H, W))
+        x = x + self.drop_path1(window_reverse(y, (wh, ww), (sh, sw), B, H, W))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
