@@ -47,7 +47,7 @@ COMPILE_MODELS = sorted(min(names, key=SIZES.get) for names in FAMILIES.values()
 # Families whose variants of one architecture differ only in depth and width (the same blocks, stems and
 # mixers): the smallest variant of each architecture runs the real-number matrix, the others the meta-device
 # checks; their own fidelity tests build every variant.
-DEPTH_WIDTH_ONLY = ('visionattn_flatten_',)
+DEPTH_WIDTH_ONLY = ('visionattn_flatten_', 'visionattn_agent_')
 _SMALLEST = set(smallest_per_architecture())
 SMALL = [m for m in MODELS
          if SIZES[m] <= FULL_TEST_MAX_PARAMS and (not m.startswith(DEPTH_WIDTH_ONLY) or m in _SMALLEST)]

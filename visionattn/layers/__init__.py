@@ -9,3 +9,4 @@ from .triplet_attention import TripletAttention
 from .polyline_attention import PolylinePathAttention, PolylineRoPE
 from .focused_linear_attention import FocusedLinearAttention, FocusedLinearBranch
 from .cswin_attention import CSwinAttention
+from .agent_attention import AgentAttention, AgentBranch

@@ -89,16 +89,21 @@ def resample_checkpoint_encodings(
     An encoding whose token count differs from the model's (a model built with ``img_size=`` another size)
     is read on the grid ``file_grid(key, owner, N)`` (default: a square, as in every official file) and
     resampled bilinearly to the ``grid_size`` of the module that owns it. Encodings that cannot be read
-    that way are left for :func:`check_state_dict` to report.
+    that way are left for :func:`check_state_dict` to report. A module with a
+    ``resize_checkpoint_tensor(name, value)`` method resizes its own tensors (Agent attention's row / column
+    biases).
     """
     out = dict(state_dict)
     for key, value in state_dict.items():
         owner_name, _, leaf = key.rpartition('.')
-        if leaf not in names or value.ndim != 3:
-            continue
         try:
             owner = model.get_submodule(owner_name)
         except AttributeError:
+            continue
+        if hasattr(owner, 'resize_checkpoint_tensor'):
+            out[key] = owner.resize_checkpoint_tensor(leaf, value)
+            continue
+        if leaf not in names or value.ndim != 3:
             continue
         want = getattr(owner, leaf, None)
         if not isinstance(want, torch.Tensor) or want.shape == value.shape or want.shape[-1] != value.shape[-1]:

@@ -11,6 +11,8 @@
   ``[B, N, C]`` or ``'NHWC'`` ``[B, H, W, C]`` (convenient for local / neighbourhood attention and for GPSA on
   non-square grids). Blocks at and after the insertion always receive ``[B, 1 + N, C]``. A block must return
   its input's shape.
+* ``grid_blocks=True``: every block is called as ``blk(x, H, W)`` with the patch grid (for mixers that need the
+  map of a token sequence that holds a class token, Agent-DeiT); otherwise ``blk(x)``.
 * ``img_size`` fixes the model's input (``pos_embed`` has the grid of ``img_size``); ``dynamic_img_size=True``
   accepts any size (multiples of the patch size, or any size with ``dynamic_img_pad=True``) and resamples
   ``pos_embed`` with timm's ``resample_abs_pos_embed`` on the fly.
@@ -52,6 +54,7 @@ def _init_linear_norm(module: nn.Module) -> None:
 
 class PlainBackbone(nn.Module):
     """Patch embedding -> (class token) -> isotropic blocks -> norm -> linear head, with timm's model API."""
+    grid_blocks: torch.jit.Final[bool]
 
     def __init__(
             self,
@@ -70,6 +73,7 @@ class PlainBackbone(nn.Module):
             use_pos_embed: bool = True,
             pos_embed_cls: bool = True,
             block_fmt: str = 'NLC',
+            grid_blocks: bool = False,
             norm_layer: Optional[Callable[..., nn.Module]] = None,
             embed_layer: Callable[..., nn.Module] = PatchEmbed,
             patch_bias: bool = True,
@@ -119,6 +123,7 @@ class PlainBackbone(nn.Module):
         self.pos_embed_cls = bool(pos_embed_cls and use_pos_embed)
         # blocks before the class token (or all blocks without one) see NHWC when block_fmt='NHWC'
         self.spatial_blocks = block_fmt == 'NHWC' and self.cls_token_at != 0
+        self.grid_blocks = grid_blocks
 
         self.patch_embed = embed_layer(
             img_size=img_size,
@@ -140,7 +145,8 @@ class PlainBackbone(nn.Module):
         else:
             self.pos_embed = None
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        self.blocks = nn.Sequential(*blocks)
+        # a ModuleList when blocks take the grid: TorchScript compiles Sequential.forward, which calls blk(x)
+        self.blocks = nn.ModuleList(blocks) if grid_blocks else nn.Sequential(*blocks)
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         self.norm = norm_layer(embed_dim, **dd)
         self.feature_info = [
@@ -315,7 +321,12 @@ class PlainBackbone(nn.Module):
                 x = self._insert_cls(x, spatial)
                 spatial = False
                 num_prefix = self.num_prefix_tokens
-            if self.grad_checkpointing and not torch.jit.is_scripting():
+            if self.grid_blocks:  # a constant: TorchScript compiles only the taken call
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint(blk, x, H, W)
+                else:
+                    x = blk(x, H, W)
+            elif self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(blk, x)
             else:
                 x = blk(x)
@@ -365,13 +376,19 @@ class PlainBackbone(nn.Module):
         if not torch.jit.is_scripting():
             self._check_input(x)
         x = self.patch_embed(x)
+        H, W = x.shape[1], x.shape[2]
         x = self._pos_embed(x)
         spatial = self.spatial_blocks
         for i, blk in enumerate(self.blocks):
             if i == self.cls_token_at and i > 0:
                 x = self._insert_cls(x, spatial)
                 spatial = False
-            if self.grad_checkpointing and not torch.jit.is_scripting():
+            if self.grid_blocks:  # a constant: TorchScript compiles only the taken call
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint(blk, x, H, W)
+                else:
+                    x = blk(x, H, W)
+            elif self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(blk, x)
             else:
                 x = blk(x)

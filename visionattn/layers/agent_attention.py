@@ -1,0 +1,290 @@
+"""Agent attention (Han et al., "Agent Attention: On the Integration of Softmax and Linear Attention",
+ECCV 2024, arXiv:2312.08874; https://github.com/LeapLabTHU/Agent-Attention).
+
+For ``(B, N, C)`` tokens of one ``H x W`` map in raster order (optionally after ``P`` prefix tokens, the
+DeiT class token), ``h`` heads of width ``d = C / h`` and an agent grid ``ah x aw`` (``A = ah * aw``
+agents; ``sqrt(n) x sqrt(n)`` for the ``n`` agents a model was trained with):
+
+1. agents = ``AdaptiveAvgPool2d((ah, aw))`` of the patch **queries** seen as ``(B, C, H, W)`` (uneven,
+   overlapping bins where ``H`` is not a multiple of ``ah``), split into heads;
+2. agent aggregation ``V_A = softmax(d^-1/2 agents @ k^T + B_k) @ v``, ``B_k`` of ``(h, A, P + N)``;
+3. agent broadcast ``out = softmax(d^-1/2 q @ agents^T + B_q) @ V_A``, ``B_q`` of ``(h, P + N, A)``;
+4. diversity term: a depthwise ``k x k`` conv of ``v`` over the map added to the patch tokens (``dwc``), or
+   for CSwin branches LePE (``get_v``, depthwise 3x3) instead.
+
+The position biases (:func:`agent_position_biases`) are functions of (agent cell, token position): a
+``(h, n, 7, 7)`` block bias resized bilinearly to the map (``an_bias`` for the K side, ``na_bias``
+transposed for the Q side), plus per-row and per-column biases stored at the training map
+(``ah_bias`` + ``aw_bias``, ``ha_bias`` + ``wa_bias``), plus the class-token biases ``ac_bias`` /
+``ca_bias`` (DeiT). At another map or agent grid every term is resized bilinearly (``align_corners=False``)
+along the token axes and along the agent axes, as the official detection / segmentation backbones do;
+at the training map and grid nothing but the official 7x7 -> map resize happens, so the result is the
+official classification computation.
+
+Both softmaxes run through ``scaled_dot_product_attention`` with the bias as additive mask.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models._features_fx import register_notrace_function, register_notrace_module
+
+from .padding import exporting
+
+__all__ = ['agent_position_biases', 'agent_attention', 'AgentAttention', 'AgentBranch', 'resize_agent_bias']
+
+
+def _resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of the last two dims of a 4-D tensor (``align_corners=False``, no antialias); the same
+    tensor when the size is unchanged (bilinear at the same size is the identity)."""
+    if x.shape[-2] == size[0] and x.shape[-1] == size[1] and not exporting():
+        return x
+    return F.interpolate(x, size=(size[0], size[1]), mode='bilinear', align_corners=False)
+
+
+def _resize_agents(bias: torch.Tensor, pool: int, agent_shape: Tuple[int, int]) -> torch.Tensor:
+    """``(h, pool * pool, T)`` -> ``(h, ah * aw, T)``: bilinear resize along the agent grid."""
+    if pool == agent_shape[0] and pool == agent_shape[1] and not exporting():
+        return bias
+    h, _, T = bias.shape
+    grid = bias.reshape(h, pool, pool, T).permute(0, 3, 1, 2)
+    return _resize(grid, agent_shape).permute(0, 2, 3, 1).reshape(h, agent_shape[0] * agent_shape[1], T)
+
+
+@register_notrace_function  # resizes depend on the (symbolic) map size
+def agent_position_biases(
+        an_bias: torch.Tensor,
+        na_bias: torch.Tensor,
+        ah_bias: torch.Tensor,
+        aw_bias: torch.Tensor,
+        ha_bias: torch.Tensor,
+        wa_bias: torch.Tensor,
+        grid: Tuple[int, int],
+        agent_shape: Tuple[int, int],
+        ac_bias: Optional[torch.Tensor] = None,
+        ca_bias: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The K-side ``(1, h, A, P + N)`` and Q-side ``(1, h, P + N, A)`` biases for an ``H x W = grid`` map and an
+    ``agent_shape`` grid, from the official parameters (shapes in :class:`AgentAttention`).
+
+    Row / column biases are resized one-dimensionally: bilinear interpolation is separable with weights that
+    sum to one per axis, so this equals the official resize of their broadcast sum.
+    """
+    h, n = an_bias.shape[0], an_bias.shape[1]
+    pool = int(math.sqrt(n) + 0.5)  # n is a perfect square (checked at construction)
+    H, W = grid
+    # K side: (h, n, H, W) = block + rows + columns
+    k_bias = _resize(an_bias, (H, W)) + _resize(ah_bias[0], (H, 1)) + _resize(aw_bias[0], (1, W))
+    k_bias = k_bias.reshape(h, n, H * W)
+    # Q side, agent-major as well: na_bias as is, rows / columns (1, h, H, 1, n) -> (h, n, H, 1)
+    q_bias = (_resize(na_bias, (H, W)) + _resize(ha_bias[0].permute(0, 3, 1, 2), (H, 1))
+              + _resize(wa_bias[0].permute(0, 3, 1, 2), (1, W)))
+    q_bias = q_bias.reshape(h, n, H * W)
+    if ac_bias is not None and ca_bias is not None:
+        k_bias = torch.cat([ac_bias.reshape(h, n, 1), k_bias], dim=-1)
+        q_bias = torch.cat([ca_bias.reshape(h, n, 1), q_bias], dim=-1)
+    k_bias = _resize_agents(k_bias, pool, agent_shape)
+    q_bias = _resize_agents(q_bias, pool, agent_shape)
+    return k_bias.unsqueeze(0), q_bias.transpose(1, 2).unsqueeze(0)
+
+
+def agent_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        num_heads: int,
+        grid: Tuple[int, int],
+        agent_shape: Tuple[int, int],
+        k_bias: torch.Tensor,
+        q_bias: torch.Tensor,
+        num_prefix_tokens: int = 0,
+        attn_drop: float = 0.,
+) -> torch.Tensor:
+    """Steps 1-3 for ``(B, P + N, C)`` q / k / v -> ``(B, P + N, C)`` (no diversity term, no projection)."""
+    B, L, C = q.shape
+    H, W = grid
+    d = C // num_heads
+    patches = q[:, num_prefix_tokens:] if num_prefix_tokens else q
+    agents = F.adaptive_avg_pool2d(patches.reshape(B, H, W, C).permute(0, 3, 1, 2), agent_shape)
+    A = agent_shape[0] * agent_shape[1]
+    agents = agents.reshape(B, num_heads, d, A).transpose(-2, -1)                      # (B, h, A, d)
+    q = q.reshape(B, L, num_heads, d).transpose(1, 2)
+    k = k.reshape(B, L, num_heads, d).transpose(1, 2)
+    v = v.reshape(B, L, num_heads, d).transpose(1, 2)
+    k_bias, q_bias = k_bias.to(q.dtype), q_bias.to(q.dtype)
+    agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=k_bias, dropout_p=attn_drop)
+    out = F.scaled_dot_product_attention(q, agents, agent_v, attn_mask=q_bias, dropout_p=attn_drop)
+    return out.transpose(1, 2).reshape(B, L, C)
+
+
+def resize_agent_bias(name: str, value: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    """A checkpoint's row / column bias (``ah_bias``, ``aw_bias``, ``ha_bias``, ``wa_bias``) of another training
+    map resized bilinearly to ``shape`` along its token axis (the other biases have no map-sized axis)."""
+    if tuple(value.shape) == tuple(shape) or value.ndim != 5:
+        return value
+    if name in ('ah_bias', 'aw_bias'):      # (1, h, n, H, 1) / (1, h, n, 1, W)
+        return _resize(value[0], tuple(shape[-2:])).unsqueeze(0)
+    if name in ('ha_bias', 'wa_bias'):      # (1, h, H, 1, n) / (1, h, 1, W, n)
+        return _resize(value[0].permute(0, 3, 1, 2), tuple(shape[2:4])).permute(0, 2, 3, 1).unsqueeze(0)
+    return value
+
+
+class _AgentBiases(nn.Module):
+    """The six (eight with a class token) official bias parameters for ``num_heads`` heads, ``agent_num`` agents
+    and the training map ``grid_size``, trunc_normal(0.02)-initialised as the official modules."""
+
+    def __init__(self, num_heads: int, agent_num: int, grid_size: Tuple[int, int], agent_shape, cls_bias: bool,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        pool = math.isqrt(agent_num)
+        if pool * pool != agent_num:
+            raise ValueError(f'agent_num={agent_num}: expected a perfect square (the agents are a pooled square grid)')
+        gh, gw = int(grid_size[0]), int(grid_size[1])
+        self.grid_size = (gh, gw)
+        self.agent_num = agent_num
+        self.agent_shape = (pool, pool) if agent_shape is None else (int(agent_shape[0]), int(agent_shape[1]))
+        if min(self.agent_shape) < 1:
+            raise ValueError(f'agent_shape={agent_shape}: expected two positive ints (agent rows, columns)')
+        self.an_bias = nn.Parameter(torch.empty(num_heads, agent_num, 7, 7, **dd))
+        self.na_bias = nn.Parameter(torch.empty(num_heads, agent_num, 7, 7, **dd))
+        self.ah_bias = nn.Parameter(torch.empty(1, num_heads, agent_num, gh, 1, **dd))
+        self.aw_bias = nn.Parameter(torch.empty(1, num_heads, agent_num, 1, gw, **dd))
+        self.ha_bias = nn.Parameter(torch.empty(1, num_heads, gh, 1, agent_num, **dd))
+        self.wa_bias = nn.Parameter(torch.empty(1, num_heads, 1, gw, agent_num, **dd))
+        self.ac_bias = nn.Parameter(torch.empty(1, num_heads, agent_num, 1, **dd)) if cls_bias else None
+        self.ca_bias = nn.Parameter(torch.empty(1, num_heads, 1, agent_num, **dd)) if cls_bias else None
+        self.init_biases()
+
+    def init_biases(self) -> None:
+        for name in ('an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias', 'ac_bias', 'ca_bias'):
+            p = getattr(self, name)
+            if p is not None and not p.is_meta:
+                trunc_normal_(p, std=.02)
+
+    def init_weights(self) -> None:
+        """Hook of :class:`PlainBackbone`'s init (keeps the official bias init after the generic pass)."""
+        self.init_biases()
+
+    def resize_checkpoint_tensor(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """Hook of the checkpoint filters: row / column biases of another training map resized to this one."""
+        want = getattr(self, name, None)
+        return resize_agent_bias(name, value, tuple(want.shape)) if isinstance(want, torch.Tensor) else value
+
+    def biases(self, H: int, W: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return agent_position_biases(
+            self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias, (H, W),
+            self.agent_shape, self.ac_bias, self.ca_bias)
+
+
+@register_notrace_module  # FX leaf: biases resized to the (symbolic) map
+class AgentAttention(_AgentBiases):
+    """Agent attention token mixer for ``(B, P + N, C)`` tokens: ``forward(x, H, W)`` with ``N = H * W``.
+
+    Parameters keep the official names: ``qkv`` (or ``q`` + ``kv`` with ``separate_q_kv=True``, the PVT
+    form), ``proj``, ``dwc`` (depthwise ``kernel_size``, full ``C``), the biases ``an_bias``, ``na_bias``
+    ``(h, n, 7, 7)``, ``ah_bias`` ``(1, h, n, gh, 1)``, ``aw_bias`` ``(1, h, n, 1, gw)``, ``ha_bias``
+    ``(1, h, gh, 1, n)``, ``wa_bias`` ``(1, h, 1, gw, n)`` for the training map ``grid_size = (gh, gw)`` and,
+    with ``num_prefix_tokens=1`` (DeiT), ``ac_bias`` ``(1, h, n, 1)`` / ``ca_bias`` ``(1, h, 1, n)``; the
+    prefix token gets no diversity term. ``agent_shape`` (default ``sqrt(n) x sqrt(n)``) pools another agent
+    grid, the biases resized to it (the official ``downstream_agent_shape``).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            grid_size: Tuple[int, int],
+            agent_num: int = 49,
+            agent_shape: Optional[Tuple[int, int]] = None,
+            qkv_bias: bool = True,
+            separate_q_kv: bool = False,
+            num_prefix_tokens: int = 0,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            kernel_size: int = 3,
+            device=None,
+            dtype=None,
+    ):
+        if dim % num_heads:
+            raise ValueError(f'dim={dim} must be divisible by num_heads={num_heads}')
+        if num_prefix_tokens not in (0, 1):
+            raise ValueError(f'num_prefix_tokens={num_prefix_tokens}: expected 0 or 1 (a class token)')
+        super().__init__(num_heads, agent_num, grid_size, agent_shape, cls_bias=num_prefix_tokens == 1,
+                         device=device, dtype=dtype)
+        dd = {'device': device, 'dtype': dtype}
+        self.num_heads = num_heads
+        self.num_prefix_tokens = num_prefix_tokens
+        self.attn_drop = attn_drop
+        # exactly one of the two forms exists; the other attribute is None (TorchScript prunes that branch)
+        self.qkv = None if separate_q_kv else nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd) if separate_q_kv else None
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias, **dd) if separate_q_kv else None
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.dwc = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, **dd)
+
+    def extra_repr(self) -> str:
+        return f'agent_num={self.agent_num}, agent_shape={self.agent_shape}, grid_size={self.grid_size}'
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        B, L, C = x.shape
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).reshape(B, L, 3, C).unbind(2)
+        else:
+            assert self.q is not None and self.kv is not None
+            q = self.q(x)
+            k, v = self.kv(x).reshape(B, L, 2, C).unbind(2)
+        k_bias, q_bias = self.biases(H, W)
+        out = agent_attention(q, k, v, self.num_heads, (H, W), self.agent_shape, k_bias, q_bias,
+                              self.num_prefix_tokens, self.attn_drop if self.training else 0.)
+        P = self.num_prefix_tokens
+        v_img = (v[:, P:] if P else v).reshape(B, H, W, C).permute(0, 3, 1, 2)   # channels-last view
+        diversity = self.dwc(v_img).permute(0, 2, 3, 1).reshape(B, H * W, C)
+        if P:
+            out = torch.cat([out[:, :P], out[:, P:] + diversity], dim=1)
+        else:
+            out = out + diversity
+        return self.proj_drop(self.proj(out))
+
+
+@register_notrace_module  # FX leaf, as AgentAttention
+class AgentBranch(_AgentBiases):
+    """Agent-CSwin branch: agent attention of given q / k / v plus LePE, no projections.
+
+    ``forward(q, k, v, H, W)`` takes ``(B', N, C)`` tokens of ``B'`` windows of ``H x W`` (CSwin stripes or
+    the whole map) and returns ``(B', N, C)`` = agent attention + ``get_v(v)`` (LePE: depthwise 3x3 over
+    all ``C``). Biases as in :class:`AgentAttention`, sized to the window ``grid_size``.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            grid_size: Tuple[int, int],
+            agent_num: int = 49,
+            agent_shape: Optional[Tuple[int, int]] = None,
+            attn_drop: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        if dim % num_heads:
+            raise ValueError(f'dim={dim} must be divisible by num_heads={num_heads}')
+        super().__init__(num_heads, agent_num, grid_size, agent_shape, cls_bias=False, device=device, dtype=dtype)
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.get_v = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return f'agent_num={self.agent_num}, agent_shape={self.agent_shape}, grid_size={self.grid_size}'
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        B, N, C = q.shape
+        k_bias, q_bias = self.biases(H, W)
+        out = agent_attention(q, k, v, self.num_heads, (H, W), self.agent_shape, k_bias, q_bias, 0,
+                              self.attn_drop if self.training else 0.)
+        lepe = self.get_v(v.reshape(B, H, W, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, N, C)
+        return out + lepe
