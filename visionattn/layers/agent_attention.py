@@ -21,7 +21,8 @@ along the token axes and along the agent axes, as the official detection / segme
 at the training map and grid nothing but the official 7x7 -> map resize happens, so the result is the
 official classification computation.
 
-Both softmaxes run through ``scaled_dot_product_attention`` with the bias as additive mask.
+Both softmaxes see ``(B, h, A, P + N)`` / ``(B, h, P + N, A)`` logits: with a few dozen agents these are small,
+so the attention is written out (matmul, biased softmax, matmul).
 """
 import math
 from typing import Optional, Tuple
@@ -34,7 +35,7 @@ from timm.models._features_fx import register_notrace_function, register_notrace
 
 from .padding import exporting
 
-__all__ = ['agent_position_biases', 'agent_attention', 'AgentAttention', 'AgentBranch', 'resize_agent_bias']
+__all__ = ['adaptive_avg_pool_tokens', 'agent_position_biases', 'agent_attention', 'AgentAttention', 'AgentBranch', 'resize_agent_bias']
 
 
 def _resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -91,6 +92,28 @@ def agent_position_biases(
     return k_bias.unsqueeze(0), q_bias.transpose(1, 2).unsqueeze(0)
 
 
+def _pool_matrix(size: int, out: int, x: torch.Tensor) -> torch.Tensor:
+    """``(out, size)`` averaging weights of ``AdaptiveAvgPool`` along one axis: row ``i`` averages the inputs
+    ``[floor(i * size / out), ceil((i + 1) * size / out))`` (uneven, overlapping bins where ``size % out``)."""
+    i = torch.arange(out, device=x.device)
+    start = torch.div(i * size, out, rounding_mode='floor')
+    end = torch.div((i + 1) * size + out - 1, out, rounding_mode='floor')
+    y = torch.arange(size, device=x.device)
+    inside = (y.unsqueeze(0) >= start.unsqueeze(1)) & (y.unsqueeze(0) < end.unsqueeze(1))
+    return inside.to(x.dtype) / (end - start).unsqueeze(1).to(x.dtype)
+
+
+def adaptive_avg_pool_tokens(x: torch.Tensor, output_size: Tuple[int, int]) -> torch.Tensor:
+    """``AdaptiveAvgPool2d(output_size)`` of an NHWC map ``(B, H, W, C)`` -> ``(B, oh * ow, C)`` (row-major cells).
+
+    Written as two averaging matmuls: equal to the pooling up to rounding, and the bins stay functions of the
+    (symbolic) map size in an exported graph, where the pooling op specialises on the traced size.
+    """
+    B, H, W, C = x.shape
+    rows = torch.einsum('ih,bhwc->biwc', _pool_matrix(H, output_size[0], x), x)
+    return torch.einsum('jw,biwc->bijc', _pool_matrix(W, output_size[1], x), rows).reshape(B, -1, C)
+
+
 def agent_attention(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -108,16 +131,31 @@ def agent_attention(
     H, W = grid
     d = C // num_heads
     patches = q[:, num_prefix_tokens:] if num_prefix_tokens else q
-    agents = F.adaptive_avg_pool2d(patches.reshape(B, H, W, C).permute(0, 3, 1, 2), agent_shape)
     A = agent_shape[0] * agent_shape[1]
-    agents = agents.reshape(B, num_heads, d, A).transpose(-2, -1)                      # (B, h, A, d)
+    agents = adaptive_avg_pool_tokens(patches.reshape(B, H, W, C), agent_shape)        # (B, A, C)
+    agents = agents.reshape(B, A, num_heads, d).transpose(1, 2)                         # (B, h, A, d)
     q = q.reshape(B, L, num_heads, d).transpose(1, 2)
     k = k.reshape(B, L, num_heads, d).transpose(1, 2)
     v = v.reshape(B, L, num_heads, d).transpose(1, 2)
-    k_bias, q_bias = k_bias.to(q.dtype), q_bias.to(q.dtype)
-    agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=k_bias, dropout_p=attn_drop)
-    out = F.scaled_dot_product_attention(q, agents, agent_v, attn_mask=q_bias, dropout_p=attn_drop)
-    return out.transpose(1, 2).reshape(B, L, C)
+    scale = d ** -0.5
+    agent_attn = _softmax_dropout((agents * scale) @ k.transpose(-2, -1), k_bias, attn_drop)   # (B, h, A, L)
+    agent_v = agent_attn @ v                                                                   # (B, h, A, d)
+    q_attn = _softmax_dropout((q * scale) @ agents.transpose(-2, -1), q_bias, attn_drop)       # (B, h, L, A)
+    return (q_attn @ agent_v).transpose(1, 2).reshape(B, L, C)
+
+
+def _softmax_dropout(logits: torch.Tensor, bias: torch.Tensor, p: float) -> torch.Tensor:
+    """``dropout(softmax(logits + bias))`` over the last dim, in place on the fresh logits without autograd.
+
+    Explicit rather than ``scaled_dot_product_attention``: the biases are parameters, and SDPA with a mask that
+    needs a gradient falls back to a path about 5x slower than this in training; without autograd both are equal.
+    """
+    bias = bias.to(logits.dtype)
+    if torch.is_grad_enabled():
+        attn = torch.softmax(logits + bias, dim=-1)
+    else:
+        attn = torch.softmax(logits.add_(bias), dim=-1)
+    return F.dropout(attn, p) if p > 0. else attn
 
 
 def resize_agent_bias(name: str, value: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:

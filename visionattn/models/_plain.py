@@ -15,7 +15,8 @@
   map of a token sequence that holds a class token, Agent-DeiT); otherwise ``blk(x)``.
 * ``img_size`` fixes the model's input (``pos_embed`` has the grid of ``img_size``); ``dynamic_img_size=True``
   accepts any size (multiples of the patch size, or any size with ``dynamic_img_pad=True``) and resamples
-  ``pos_embed`` with timm's ``resample_abs_pos_embed`` on the fly.
+  ``pos_embed`` with timm's ``resample_abs_pos_embed`` on the fly (``pos_embed_interpolation``: bicubic with
+  antialiasing as timm's ViTs, or bilinear without, as the official Agent-DeiT resize).
 
 Blocks are given either built (a sequence of modules) or as a factory
 ``block_fn(index, drop_path=rate, device=..., dtype=...)`` called ``depth`` times with the stochastic-depth rate
@@ -72,6 +73,7 @@ class PlainBackbone(nn.Module):
             cls_token_at: Optional[int] = 0,
             use_pos_embed: bool = True,
             pos_embed_cls: bool = True,
+            pos_embed_interpolation: str = 'bicubic',
             block_fmt: str = 'NLC',
             grid_blocks: bool = False,
             norm_layer: Optional[Callable[..., nn.Module]] = None,
@@ -124,6 +126,9 @@ class PlainBackbone(nn.Module):
         # blocks before the class token (or all blocks without one) see NHWC when block_fmt='NHWC'
         self.spatial_blocks = block_fmt == 'NHWC' and self.cls_token_at != 0
         self.grid_blocks = grid_blocks
+        if pos_embed_interpolation not in ('bicubic', 'bilinear'):
+            raise ValueError(f"pos_embed_interpolation={pos_embed_interpolation!r}: expected 'bicubic' or 'bilinear'")
+        self.pos_embed_interpolation = pos_embed_interpolation
 
         self.patch_embed = embed_layer(
             img_size=img_size,
@@ -211,6 +216,7 @@ class PlainBackbone(nn.Module):
             self.pos_embed = nn.Parameter(resample_abs_pos_embed(
                 self.pos_embed.detach(), new_size=self.patch_embed.grid_size, old_size=prev_grid,
                 num_prefix_tokens=self.num_prefix_tokens if self.pos_embed_cls else 0, verbose=True,
+                interpolation=self.pos_embed_interpolation, antialias=self.pos_embed_interpolation == 'bicubic',
             ), requires_grad=self.pos_embed.requires_grad)
         try:
             from timm.models._input import update_model_input_size
@@ -255,7 +261,8 @@ class PlainBackbone(nn.Module):
         if pos_embed is not None and self.dynamic_img_size:
             pos_embed = resample_abs_pos_embed(
                 pos_embed, new_size=[H, W], old_size=self.patch_embed.grid_size,
-                num_prefix_tokens=self.num_prefix_tokens if self.pos_embed_cls else 0)
+                num_prefix_tokens=self.num_prefix_tokens if self.pos_embed_cls else 0,
+                interpolation=self.pos_embed_interpolation, antialias=self.pos_embed_interpolation == 'bicubic')
         if self.spatial_blocks:
             if pos_embed is not None:
                 x = x + pos_embed.reshape(1, H, W, C)

@@ -65,8 +65,8 @@ FAMILY_CARD = dict(
         "size, the row / column biases and learned encodings are resampled bilinearly on load. The README's "
         "weight links are cloud-drive pages without a direct download, so no pretrained=True tag exists"),
     differences=[
-        'Any input size: img_size= at creation (row / column biases and position embeddings resampled on load) '
-        'and dynamic_img_size=True (resampled bilinearly on the fly), instead of the fixed size of the official '
+        'Any input size: img_size= at creation (row / column biases and position embeddings resampled bilinearly on '
+        'load) and dynamic_img_size=True (resampled bilinearly on the fly), instead of the fixed size of the official '
         'classification models (official issue #38). At the training size the computation is the official one.',
         'agent_shapes= (DeiT: agent_shape=) pools another agent grid and resizes every bias along the agent axes, '
         'the official downstream_agent_shapes of the detection / segmentation backbones, here for every host.',
@@ -263,7 +263,8 @@ class AgentDeiT(PlainBackbone):
         super().__init__(
             block, embed_dim, depth=depth, img_size=img_hw, patch_size=patch_size, in_chans=in_chans,
             num_classes=num_classes, global_pool=global_pool, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-            pos_drop_rate=pos_drop_rate, cls_token_at=0, pos_embed_cls=True, grid_blocks=True,
+            pos_drop_rate=pos_drop_rate, cls_token_at=0, pos_embed_cls=True, pos_embed_interpolation='bilinear',
+            grid_blocks=True,
             dynamic_img_size=dynamic_img_size, device=device, dtype=dtype)
 
     @torch.jit.ignore
@@ -274,8 +275,10 @@ class AgentDeiT(PlainBackbone):
         pos_embed = sd.get('pos_embed')
         if isinstance(pos_embed, torch.Tensor) and self.pos_embed is not None \
                 and pos_embed.shape != self.pos_embed.shape and pos_embed.ndim == 3:
+            # bilinear without antialiasing, as the official resize_pos_embed
             sd['pos_embed'] = resample_abs_pos_embed(
-                pos_embed, new_size=list(self.patch_embed.grid_size), num_prefix_tokens=1)
+                pos_embed, new_size=list(self.patch_embed.grid_size), num_prefix_tokens=1,
+                interpolation=self.pos_embed_interpolation, antialias=False)
         sd = resample_checkpoint_encodings(sd, self, names=())
         return check_state_dict(sd, self, source='AgentDeiT checkpoint')
 
