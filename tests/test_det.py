@@ -69,6 +69,8 @@ SMALLEST = {
     'flatten_pvt_v2': ('visionattn_flatten_pvt_v2_b0', ('flatten', 'flatten_pvt_v2_b0'), None),
     'flatten_swin': ('visionattn_flatten_swin_tiny', ('flatten', 'flatten_swin_t'), 'flatten_swin_tiny'),
     'flatten_cswin': ('visionattn_flatten_cswin_tiny', ('flatten', 'flatten_cswin_t'), None),
+    'agent_pvt': ('visionattn_agent_pvt_tiny', ('agent', 'agent_pvt_t'), 'agent_pvt_tiny'),
+    'agent_swin': ('visionattn_agent_swin_tiny', ('agent', 'agent_swin_t'), 'agent_swin_tiny'),
     'cnn_attention': ('visionattn_resnet18_cbam', ('cbam', 'resnet18_cbam'), None),
 }
 REGISTERED = set(visionattn.list_models())
@@ -415,10 +417,10 @@ def test_retinanet_loss_step_and_predict(family):
     _retinanet_loss_step_and_predict(family, SIZE)
 
 
-@pytest.mark.parametrize('family', [f for f in ('flatten_swin',) if f in LANDED])
+@pytest.mark.parametrize('family', [f for f in ('flatten_swin', 'agent_swin') if f in LANDED])
 def test_retinanet_at_detection_resolution(family):
     """A family whose classifiers are tied to their training size, at a COCO-like 800x1216: the learned
-    encodings follow the map, the global stages stay global."""
+    encodings / agent biases follow the map, the global stages stay global."""
     _retinanet_loss_step_and_predict(family, (800, 1216))
 
 
@@ -448,8 +450,8 @@ def _retinanet_loss_step_and_predict(family, size):
     assert len(res) == 1 and res[0].pred_instances.bboxes.shape[-1] == 4
 
 
-def test_mask_rcnn_loss_step():
-    family = 'twins_svt' if 'twins_svt' in LANDED else LANDED[0]
+@pytest.mark.parametrize('family', [f for f in ('twins_svt', 'agent_pvt', 'agent_swin') if f in LANDED] or LANDED[:1])
+def test_mask_rcnn_loss_step(family):
     cfg = _config(family, 'mask-rcnn')
     model = MODELS.build(cfg.model)
     model.init_weights()
@@ -472,14 +474,19 @@ def test_all_configs_build_with_right_channels_and_no_decay():
     assert len(ours) == 2 * sum(1 for _, _, stem in SMALLEST.values() if stem)
     for path, cfg in ours.items():
         bb = cfg.model.backbone
-        assert cfg.optim_wrapper.optimizer.type == 'AdamW' and cfg.optim_wrapper.optimizer.lr == 1e-4
-        assert cfg.optim_wrapper.optimizer.weight_decay == 0.05
+        lr, wd = OFFICIAL_OPTIM.get(path.name, (1e-4, 0.05))
+        assert cfg.optim_wrapper.optimizer.type == 'AdamW' and cfg.optim_wrapper.optimizer.lr == lr, path.name
+        assert cfg.optim_wrapper.optimizer.weight_decay == wd, path.name
         if bb.model_name not in REGISTERED:
             continue
         assert list(cfg.model.neck.in_channels) == backbone_channels(bb.model_name), path.name
         fam = family_for(bb.model_name)
-        keys = cfg.optim_wrapper.paramwise_cfg.custom_keys
-        assert all(keys[k]['decay_mult'] == 0 for k in fam.no_decay), path.name
+        paramwise = cfg.optim_wrapper.get('paramwise_cfg')
+        if paramwise is None:  # the official recipe decays everything (Agent-PVT)
+            assert path.name in OFFICIAL_OPTIM and not fam.no_decay, path.name
+            continue
+        keys = paramwise.custom_keys
+        assert paramwise.norm_decay_mult == 0 and all(keys[k]['decay_mult'] == 0 for k in fam.no_decay), path.name
     # no decay on norms and position tables, decay on weights, in a real optimizer
     cfg = _config(LANDED[0])
     model = MODELS.build(cfg.model)
@@ -490,6 +497,136 @@ def test_all_configs_build_with_right_channels_and_no_decay():
             assert decay[id(p)] == 0, name
     nd = [n for n, p in model.backbone.named_parameters() if p.ndim > 1 and decay[id(p)] > 0]
     assert nd, 'weights must be decayed'
+
+
+# ------------------------------------------------------------------------------------------- agent attention
+# the official COCO recipes (LeapLabTHU/Agent-Attention downstream/detection/configs/agent_{pvt,swin}/*): lr, wd
+OFFICIAL_OPTIM = {
+    'retinanet_agent_pvt_tiny_fpn_1x_coco.py': (1e-4, 1e-4),    # agent_pvt_t_rtn_1x_12-16-28-28.py
+    'mask-rcnn_agent_pvt_tiny_fpn_1x_coco.py': (2e-4, 1e-4),    # agent_pvt_t_mrcnn_1x_12-16-28-28.py
+    'retinanet_agent_swin_tiny_fpn_1x_coco.py': (1e-4, 0.05),   # derived from the Mask R-CNN one (no official)
+    'mask-rcnn_agent_swin_tiny_fpn_1x_coco.py': (1e-4, 0.05),   # agent_swin_t_mrcnn_1x_9-12-14-7.py
+}
+# downstream_agent_shapes of the official configs (file suffixes 12-16-28-28 / 9-12-14-7)
+AGENT_DET_SHAPES = {'agent_pvt': [(12, 12), (16, 16), (28, 28), (28, 28)],
+                    'agent_swin': [(9, 9), (12, 12), (14, 14), (7, 7)]}
+# custom_keys with decay_mult 0 of the official agent_swin_t_mrcnn_1x_9-12-14-7.py, less 'norm' (norm_decay_mult=0
+# here) and 'absolute_pos_embed' (ape=False: no such parameter)
+AGENT_SWIN_NO_DECAY = ('relative_position_bias_table', 'an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias')
+AGENT_FAMILIES = [f for f in AGENT_DET_SHAPES if f in LANDED]
+
+
+@pytest.mark.parametrize('family', AGENT_FAMILIES)
+def test_agent_backbone_uses_the_official_downstream_agent_shapes(family, backbones, monkeypatch):
+    """Every agent block pools the official dense-task grid, at a non-square size; the grid changes the
+    features (the same weights with the classification grids give other outputs)."""
+    from visionattn.layers.agent_attention import AgentAttention
+    bb = copy.deepcopy(backbones(family))
+    assert bb.model.dynamic_img_size
+    attns = {}
+    for name, m in bb.model.named_modules():
+        if isinstance(m, AgentAttention):
+            attns.setdefault(int(name.split('.')[1]), []).append(m)
+    # Agent-PVT: every stage agent (AAAA); Agent-Swin: AAAB, stage 4 is Swin window attention
+    assert sorted(attns) == ([0, 1, 2, 3] if family == 'agent_pvt' else [0, 1, 2])
+    assert sum(map(len, attns.values())) == (8 if family == 'agent_pvt' else 10)
+    for stage, mods in attns.items():
+        assert all(m.agent_shape == AGENT_DET_SHAPES[family][stage] for m in mods), stage
+        assert all(m.agent_num == (9, 16, 49, 49)[stage] for m in mods), stage  # the trained agent count
+    with torch.no_grad():  # peaked softmaxes: at the N(0, .02) init the agent grid barely changes the outputs
+        for p in (p for mods in attns.values() for m in mods for p in m.parameters()):
+            p.normal_(0, 0.3)
+    # every agent block pools its whole stage map (64x80 .. 8x10 at 256x320) to those grids
+    seen = []
+    real_pool = torch.nn.functional.adaptive_avg_pool2d
+
+    def spy(x, size):
+        seen.append((tuple(x.shape[-2:]), tuple(size)))
+        return real_pool(x, size)
+    monkeypatch.setattr(torch.nn.functional, 'adaptive_avg_pool2d', spy)
+    x = torch.randn(1, 3, *SIZE)
+    with torch.no_grad():
+        outs = bb(x)
+    monkeypatch.undo()
+    assert [tuple(o.shape[2:]) for o in outs] == [(64, 80), (32, 40), (16, 20), (8, 10)]
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert seen == [((SIZE[0] // 4 >> s, SIZE[1] // 4 >> s), AGENT_DET_SHAPES[family][s])
+                    for s in sorted(attns) for _ in attns[s]]
+    # the classification grids (sqrt(n) x sqrt(n)) on the same weights give other features
+    cls_grid = MODELS.build(_bb_cfg(SMALLEST[family][0], agent_shapes=None)).eval()
+    cls_grid.load_state_dict(bb.state_dict())
+    with torch.no_grad():
+        other = cls_grid(x)
+    for a, b in zip(outs, other):
+        assert (a - b).abs().max() > 0.05 * a.abs().max()
+
+
+def test_agent_family_lines():
+    """Agent-Swin: a LayerNorm (eps 1e-5, nn.LayerNorm's default, official norm{i}) per output; Agent-PVT: raw
+    stage maps; both resize to the input."""
+    for family, model_name in (('agent_swin', 'visionattn_agent_swin_small'),
+                               ('agent_pvt', 'visionattn_agent_pvt_large'),
+                               ('agent_pvt', 'visionattn_agent_pvt_medium_256')):
+        fam = family_for(model_name)
+        assert fam.name == family and not fam.plain and fam.module == 'visionattn.models.agent'
+        kwargs = detection_model_kwargs(model_name, {})
+        assert kwargs['dynamic_img_size'] is True
+        assert [tuple(s) for s in kwargs['agent_shapes']] == AGENT_DET_SHAPES[family]
+        assert detection_model_kwargs(model_name, dict(agent_shapes=None))['agent_shapes'] is None  # user wins
+    assert family_for('visionattn_agent_swin_tiny').out_norm_eps == 1e-5
+    assert family_for('visionattn_agent_pvt_tiny').out_norm_eps is None
+    assert set(family_for('visionattn_agent_swin_tiny').no_decay) == set(AGENT_SWIN_NO_DECAY)
+    assert family_for('visionattn_agent_pvt_tiny').no_decay == ()
+    for m in REGISTERED:  # the patterns take every Agent-PVT / Agent-Swin variant and nothing else
+        agent = [f.name for f in DET_FAMILIES if f.matches(m) and f.name.startswith('agent_')]
+        prefix = next((f for f in ('agent_pvt', 'agent_swin') if m.startswith(f'visionattn_{f}_')), None)
+        assert agent == ([prefix] if prefix else []), m
+
+
+@pytest.mark.parametrize('det', ['retinanet', 'mask-rcnn'])
+@pytest.mark.parametrize('family', AGENT_FAMILIES)
+def test_agent_configs_official_optimizer_and_pipeline(family, det):
+    """The configs build a real optimizer with the official settings: Agent-Swin no decay exactly on the norms,
+    relative_position_bias_table and the six agent biases (each key matches parameters); Agent-PVT wd 1e-4 on
+    every parameter; drop path 0.1; the training pipeline builds (Agent-Swin Mask R-CNN: multi-scale + crop)."""
+    from mmengine.dataset import Compose
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import DefaultScope
+    from mmdet.utils import register_all_modules
+    register_all_modules(init_default_scope=False)
+    cfg = _config(family, det)
+    name = f'{det}_{SMALLEST[family][2]}_fpn_1x_coco.py'
+    lr, wd = OFFICIAL_OPTIM[name]
+    assert cfg.model.backbone.drop_path_rate == 0.1 and cfg.model.backbone.model_name == SMALLEST[family][0]
+    model = MODELS.build(cfg.model)
+    ow = build_optim_wrapper(model, copy.deepcopy(cfg.optim_wrapper))
+    assert type(ow.optimizer).__name__ == 'AdamW'
+    group = {id(p): g for g in ow.optimizer.param_groups for p in g['params']}
+    assert all(g['lr'] == lr for g in group.values())
+    no_decay = AGENT_SWIN_NO_DECAY if family == 'agent_swin' else ()
+    hits = {k: 0 for k in no_decay}
+    norms = {id(p) for m in model.backbone.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    assert norms
+    for pname, p in model.backbone.named_parameters():
+        keys = [k for k in no_decay if k in pname]
+        for k in keys:
+            hits[k] += 1
+        expect = 0. if (keys or id(p) in norms) and family == 'agent_swin' else wd
+        assert group[id(p)]['weight_decay'] == expect, pname
+    assert all(hits.values()), hits  # every official key names real parameters
+    if family == 'agent_swin':
+        assert len(model.backbone.out_norms) == 4 and all(
+            group[id(p)]['weight_decay'] == 0 for p in model.backbone.out_norms.parameters())
+    pipeline = cfg.train_dataloader.dataset.pipeline
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        assert len(Compose(pipeline).transforms) == len(pipeline)
+    multi_scale = [t for t in pipeline if t['type'] == 'RandomChoice']
+    assert bool(multi_scale) == (family == 'agent_swin' and det == 'mask-rcnn')
+    if multi_scale:
+        first, second = multi_scale[0]['transforms']
+        assert [tuple(s) for s in first[0]['scales']] == [(480 + 32 * i, 1333) for i in range(11)]
+        assert [t['type'] for t in second] == ['RandomChoiceResize', 'RandomCrop', 'RandomChoiceResize']
+        assert tuple(second[1]['crop_size']) == (384, 600)
 
 
 def test_shapes_config_and_dataset(tmp_path):

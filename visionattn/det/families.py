@@ -42,6 +42,17 @@ Where the fields come from (``../shared/specs``):
   (eps 1e-5) per output for the Swin / CSwin hosts, as Swin's detection backbone; none for PVT (PVTv2
   already normalises each stage with ``norm{i}``). Learned encodings are interpolated to the input
   (``dynamic_img_size=True``); no decay on them and on the focusing ``scale``.
+* Agent attention (flatten_agent_convit_davit_twins.md §3.6; official mmdet ``AgentSwinTransformer`` /
+  ``AgentPVT``, configs ``configs/agent_{swin,pvt}/*``): both run the agent blocks over the whole map at any
+  size (``dynamic_img_size=True``: agent row / column biases and PVT's ``pos_embed{i}`` resampled bilinearly
+  to the map) and pool the larger agent grids of the official dense-task configs (``agent_shapes=``, the
+  official ``downstream_agent_shapes``): Swin ``9-12-14-7`` -> (9, 9), (12, 12), (14, 14), (7, 7) (the last is
+  a Swin-window ``B`` stage, its entry unused); PVT ``12-16-28-28`` -> (12, 12), (16, 16), (28, 28), (28, 28).
+  Agent-Swin: the pre-downsample stage outputs with a new ``LayerNorm`` (eps 1e-5) ``norm{i}`` per output;
+  no decay on ``relative_position_bias_table`` and the six agent biases (``an_bias`` ... ``wa_bias``), as the
+  official optimiser's ``custom_keys`` (its ``'norm'`` key is ``norm_decay_mult=0``). Agent-PVT: the four raw
+  stage maps (no output norms, the classifier has no final norm); the official optimiser decays every
+  parameter (AdamW wd 1e-4, no ``paramwise_cfg``), so nothing is listed.
 """
 import functools
 import re
@@ -115,6 +126,12 @@ def _dinat_s_kwargs(model_name: str, depths: Sequence[int]) -> Dict:
 # FLatten: no decay on the learned encodings and the focusing scale in detection (no official recipe exists)
 _FLATTEN_NO_DECAY = ('pos_embed', 'positional_encoding', '.scale')
 
+# Agent attention: the agent grids of the official dense-task configs (downstream_agent_shapes, file suffixes
+# 9-12-14-7 / 12-16-28-28) and the official Agent-Swin optimiser's no-decay keys (Agent-PVT decays everything)
+AGENT_SWIN_DET_SHAPES = ((9, 9), (12, 12), (14, 14), (7, 7))
+AGENT_PVT_DET_SHAPES = ((12, 12), (16, 16), (28, 28), (28, 28))
+_AGENT_BIASES = ('an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias')
+
 # One line per family. Order matters only where patterns overlap (none do).
 DET_FAMILIES: Tuple[DetFamily, ...] = (
     DetFamily('davit', r'^visionattn_davit_', 'visionattn.models.davit', out_norm_eps=1e-5),
@@ -130,6 +147,8 @@ DET_FAMILIES: Tuple[DetFamily, ...] = (
     DetFamily('flatten_pvt_v2', r'^visionattn_flatten_pvt_v2_', 'visionattn.models.flatten', no_decay=_FLATTEN_NO_DECAY, model_kwargs=dict(dynamic_img_size=True)),
     DetFamily('flatten_swin', r'^visionattn_flatten_swin_', 'visionattn.models.flatten', out_norm_eps=1e-5, no_decay=_FLATTEN_NO_DECAY + ('relative_position_bias_table',), model_kwargs=dict(dynamic_img_size=True)),
     DetFamily('flatten_cswin', r'^visionattn_flatten_cswin_', 'visionattn.models.flatten', out_norm_eps=1e-5, no_decay=_FLATTEN_NO_DECAY, model_kwargs=dict(dynamic_img_size=True)),
+    DetFamily('agent_pvt', r'^visionattn_agent_pvt_', 'visionattn.models.agent', model_kwargs=dict(dynamic_img_size=True, agent_shapes=AGENT_PVT_DET_SHAPES)),
+    DetFamily('agent_swin', r'^visionattn_agent_swin_', 'visionattn.models.agent', out_norm_eps=1e-5, no_decay=('relative_position_bias_table',) + _AGENT_BIASES, model_kwargs=dict(dynamic_img_size=True, agent_shapes=AGENT_SWIN_DET_SHAPES)),
     DetFamily('cnn_attention', r'^visionattn_(resnet\d+|mobilenetv2)_(cbam|triplet|ela_[a-z])$', 'visionattn.models.cnn_attention'),
 )
 
