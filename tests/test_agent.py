@@ -482,7 +482,8 @@ def test_deit_runs_on_a_token_count_that_is_not_a_square_plus_one():
     x = torch.randn(1, 3, 224, 160)
     feats = {}
     blk = model.blocks[0]
-    blk.attn.register_forward_hook(lambda mod, args, out: feats.update(x=args[0], out=out))
+    # clones: without autograd the block adds its residual in place into the attention output
+    blk.attn.register_forward_hook(lambda mod, args, out: feats.update(x=args[0].clone(), out=out.clone()))
     with torch.no_grad():
         out = model(x)
         assert out.shape == (1, 1000) and torch.isfinite(out).all()

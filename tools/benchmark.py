@@ -4,9 +4,9 @@ For each model, ours and the reference are timed in interleaved rounds (so both 
 machine load); the median time per batch gives images/s and the ratio ours / reference.
 Reference: timm's model of the same name without the ``visionattn_`` prefix, or the entry in
 ``REFERENCES`` (e.g. NAT / DiNAT are compared with Swin of similar FLOPs, as their papers do; the CNN attention
-models with timm's plain ResNet-50 / MobileNetV2, FLatten with timm's Swin / PVTv2 host). ``--official``
+models with timm's plain ResNet-50 / MobileNetV2, FLatten and Agent attention with timm's Swin / PVTv2 / DeiT host). ``--official``
 adds a third contender where the tests hold a transcription of the official network (``OFFICIAL``: the
-CBAM / Triplet / ELA CNNs, PPMA, FLatten), timed in the same interleaved rounds.
+CBAM / Triplet / ELA CNNs, PPMA, FLatten, Agent attention), timed in the same interleaved rounds.
 
 Usage:
   python tools/benchmark.py --models 'visionattn_davit_tiny' 'visionattn_twins_*' [--batch 8]
@@ -58,6 +58,14 @@ REFERENCES = {
     'visionattn_flatten_swin_base': 'swin_base_patch4_window7_224',
     'visionattn_flatten_swin_base_384': 'swin_base_patch4_window12_384',
     **{f'visionattn_flatten_pvt_v2_b{i}': f'pvt_v2_b{i}' for i in range(6)},
+    # Agent attention likewise (timm has no PVT v1 or CSwin: those compare with the official transcription)
+    'visionattn_agent_swin_tiny': 'swin_tiny_patch4_window7_224',
+    'visionattn_agent_swin_small': 'swin_small_patch4_window7_224',
+    'visionattn_agent_swin_base': 'swin_base_patch4_window7_224',
+    'visionattn_agent_swin_base_384': 'swin_base_patch4_window12_384',
+    'visionattn_agent_deit_tiny': 'deit_tiny_patch16_224',
+    'visionattn_agent_deit_small': 'deit_small_patch16_224',
+    'visionattn_agent_deit_base': 'deit_base_patch16_224',
 }
 
 # transcriptions of the official networks in the tests: name -> (module in tests/, factory(module) -> model)
@@ -76,6 +84,9 @@ OFFICIAL = {
         'pvt_reference', lambda ref: ref.PyramidVisionTransformerV2(**ref.VARIANTS['flatten_pvt_v2_b1'])),
     'visionattn_flatten_swin_tiny': ('swin_reference', lambda ref: ref.FLattenSwinTransformer()),
     'visionattn_flatten_cswin_tiny': ('cswin_reference', lambda ref: ref.CSWinTransformer()),
+    **{f'visionattn_agent_{name}': ('agent_reference', lambda ref, v=variant: ref.build_reference(v)) for name, variant in (
+        ('pvt_tiny', 'agent_pvt_t'), ('swin_tiny', 'agent_swin_t'), ('deit_small', 'agent_deit_s'),
+        ('cswin_tiny', 'agent_cswin_t'))},
 }
 
 

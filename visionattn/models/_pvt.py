@@ -95,7 +95,8 @@ class PvtPatchEmbed(nn.Module):
 
 
 class PvtMlp(nn.Module):
-    """fc1 -> [depthwise 3x3 conv over the map (PVTv2)] -> GELU -> dropout -> fc2 -> dropout, on an NHWC map."""
+    """fc1 -> [depthwise 3x3 conv over the map (PVTv2)] -> GELU -> dropout -> fc2 -> dropout, on an NHWC map (without
+    the conv: on any ``(..., C)`` tokens, the DeiT MLP of Agent-DeiT); GELU in place without autograd."""
 
     def __init__(self, dim: int, hidden_dim: int, dwconv: bool = False, drop: float = 0., device=None, dtype=None):
         super().__init__()

@@ -18,15 +18,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import Attention, DropPath, Mlp, resample_abs_pos_embed
+from timm.layers import Attention, DropPath, resample_abs_pos_embed
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers.agent_attention import AgentAttention, AgentBranch
 from ._builder import (
-    build_visionattn_model, check_state_dict, parse_attn_types, resample_checkpoint_encodings, unwrap_state_dict)
+    add_residual, build_visionattn_model, check_state_dict, parse_attn_types, resample_checkpoint_encodings,
+    unwrap_state_dict)
 from ._cswin import CSwin
 from ._plain import PlainBackbone
-from ._pvt import Pvt
+from ._pvt import Pvt, PvtMlp
 from ._swin import Swin
 
 __all__ = ['AgentDeiT', 'AgentDeiTBlock']
@@ -196,15 +197,15 @@ class AgentDeiTBlock(nn.Module):
             self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
+        self.mlp = PvtMlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)  # fc1 -> GELU -> fc2, as DeiT's Mlp
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         if self.is_agent:
             y = self.attn(self.norm1(x), H, W)
         else:
             y = self.attn(self.norm1(x))
-        x = x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = add_residual(self.drop_path(y), x)
+        return add_residual(self.drop_path(self.mlp(self.norm2(x))), x)
 
 
 class AgentDeiT(PlainBackbone):
