@@ -531,3 +531,36 @@ def test_deit_pos_embed_of_another_training_size_is_resized_as_officially():
     want = F.interpolate(grid, size=(6, 6), mode='bilinear').permute(0, 2, 3, 1).reshape(1, 36, 192)
     assert torch.equal(out['pos_embed'][:, :1], sd['pos_embed'][:, :1])
     torch.testing.assert_close(out['pos_embed'][:, 1:], want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('prefix', [0, 1])
+def test_training_path_equals_inference_path_and_gradients_are_exact(prefix):
+    """With autograd the attention is written out (matmul, biased softmax, matmul; diversity added in place), without
+    it it runs through SDPA: the two agree in float64, and the written-out gradients (incl. the biases') pass
+    gradcheck against finite differences."""
+    from visionattn.layers.agent_attention import AgentBranch
+    torch.manual_seed(0)
+    m = AgentAttention(8, 2, (4, 3), agent_num=4, agent_shape=(2, 3), num_prefix_tokens=prefix).to(F64)
+    branch = AgentBranch(8, 2, (4, 3), agent_num=4).to(F64)
+    for p in list(m.parameters()) + list(branch.parameters()):
+        p.data.normal_(0, 0.5)
+    x = torch.randn(2, prefix + 12, 8, dtype=F64)
+    with torch.no_grad():
+        fused = m(x, 4, 3)
+    torch.testing.assert_close(m(x, 4, 3), fused, rtol=0, atol=1e-12)
+    q, k, v = (torch.randn(2, 12, 8, dtype=F64) for _ in range(3))
+    with torch.no_grad():
+        fused = branch(q, k, v, 4, 3)
+    torch.testing.assert_close(branch(q, k, v, 4, 3), fused, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: m(x, 4, 3), (x.clone().requires_grad_(),))
+    params = (m.an_bias, m.na_bias, m.ah_bias, m.wa_bias) + ((m.ac_bias, m.ca_bias) if prefix else ())
+    grads = torch.autograd.grad(m(x, 4, 3).square().sum(), params)
+    for p, g in zip(params, grads):  # one finite difference per bias tensor, along its gradient
+        direction = g / g.norm()
+        with torch.no_grad():
+            p.add_(direction, alpha=1e-6)
+            up = m(x, 4, 3).square().sum()
+            p.sub_(direction, alpha=2e-6)
+            down = m(x, 4, 3).square().sum()
+            p.add_(direction, alpha=1e-6)
+        torch.testing.assert_close((up - down) / 2e-6, g.norm(), rtol=1e-5, atol=1e-8)

@@ -538,12 +538,13 @@ def test_agent_backbone_uses_the_official_downstream_agent_shapes(family, backbo
             p.normal_(0, 0.3)
     # every agent block pools its whole stage map (64x80 .. 8x10 at 256x320) to those grids
     seen = []
-    real_pool = torch.nn.functional.adaptive_avg_pool2d
+    import visionattn.layers.agent_attention as agent_layer
+    real_pool = agent_layer.adaptive_avg_pool_tokens
 
-    def spy(x, size):
-        seen.append((tuple(x.shape[-2:]), tuple(size)))
+    def spy(x, size):  # x: the NHWC patch map
+        seen.append((tuple(x.shape[1:3]), tuple(size)))
         return real_pool(x, size)
-    monkeypatch.setattr(torch.nn.functional, 'adaptive_avg_pool2d', spy)
+    monkeypatch.setattr(agent_layer, 'adaptive_avg_pool_tokens', spy)
     x = torch.randn(1, 3, *SIZE)
     with torch.no_grad():
         outs = bb(x)

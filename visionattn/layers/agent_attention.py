@@ -141,6 +141,8 @@ def agent_attention(
         # fused, reads the strided head views without copies, writes (B, L, h, d) memory
         agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=k_bias, dropout_p=attn_drop)
         out = F.scaled_dot_product_attention(q, agents, agent_v, attn_mask=q_bias, dropout_p=attn_drop)
+        if exporting():  # the exporter decomposes SDPA into ops with another output layout than the traced kernel
+            out = out.clone(memory_format=torch.contiguous_format)
         return out.transpose(1, 2).reshape(B, L, C)
     # written out under autograd: the biases are parameters, and SDPA with a mask that needs a gradient falls
     # back to a path about 5x slower than this (35 vs 7 ms for a DeiT-S layer, forward + backward)

@@ -74,8 +74,12 @@ FAMILY_CARD = dict(
         'Agent-DeiT takes its patch grid from the patch embedding, so non-square inputs work (the official code '
         'floors sqrt(N) and only runs square grids, issue #39).',
         'Stages whose agent window covers the training map (every released A stage) stay one global window at '
-        'any size; Swin B blocks keep their window (zero-padded, shifted and masked as Swin\'s detection backbone).',
-        'Both softmaxes run through scaled_dot_product_attention with the biases as additive masks.',
+        'any size; Swin B blocks keep their window (zero-padded, shifted and masked as Swin\'s detection backbone), '
+        'and on maps smaller than the window clamp it as the classification block does (the official detection '
+        'backbone pads such maps to one window and shifts; the two agree at COCO sizes).',
+        'Agents are computed as the q projection of the pooled tokens (the same numbers as pooling the queries: '
+        'the bins average with weights summing to one), pooled by averaging matmuls with AdaptiveAvgPool2d\'s bins; '
+        'without autograd both softmaxes run through scaled_dot_product_attention with the biases as masks.',
         'Agent-PVT supports the released sr = 1 agent blocks only (no released config uses agent sr > 1).',
         'State-dict layout follows the visionattn builder for PVT / Swin / CSwin (stem / stages.S.downsample / '
         'stages.S.blocks.J / norm / head.fc; official keys are remapped on load); Agent-DeiT keeps the official '
