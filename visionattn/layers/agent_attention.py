@@ -192,6 +192,9 @@ class _AgentBiases(nn.Module):
         self.ca_bias = nn.Parameter(torch.empty(1, num_heads, 1, agent_num, **dd)) if cls_bias else None
         self.init_biases()
 
+    def extra_repr(self) -> str:
+        return f'agent_num={self.agent_num}, agent_shape={self.agent_shape}, grid_size={self.grid_size}'
+
     def init_biases(self) -> None:
         for name in ('an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias', 'ac_bias', 'ca_bias'):
             p = getattr(self, name)
@@ -260,9 +263,6 @@ class AgentAttention(_AgentBiases):
         self.proj_drop = nn.Dropout(proj_drop)
         self.dwc = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, **dd)
 
-    def extra_repr(self) -> str:
-        return f'agent_num={self.agent_num}, agent_shape={self.agent_shape}, grid_size={self.grid_size}'
-
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, L, C = x.shape
         P = self.num_prefix_tokens
@@ -313,9 +313,6 @@ class AgentBranch(_AgentBiases):
         self.num_heads = num_heads
         self.attn_drop = attn_drop
         self.get_v = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, device=device, dtype=dtype)
-
-    def extra_repr(self) -> str:
-        return f'agent_num={self.agent_num}, agent_shape={self.agent_shape}, grid_size={self.grid_size}'
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, N, C = q.shape
