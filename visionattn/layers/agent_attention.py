@@ -190,20 +190,17 @@ class _AgentBiases(nn.Module):
         self.wa_bias = nn.Parameter(torch.empty(1, num_heads, 1, gw, agent_num, **dd))
         self.ac_bias = nn.Parameter(torch.empty(1, num_heads, agent_num, 1, **dd)) if cls_bias else None
         self.ca_bias = nn.Parameter(torch.empty(1, num_heads, 1, agent_num, **dd)) if cls_bias else None
-        self.init_biases()
+        self.init_weights()
 
     def extra_repr(self) -> str:
         return f'agent_num={self.agent_num}, agent_shape={self.agent_shape}, grid_size={self.grid_size}'
 
-    def init_biases(self) -> None:
+    def init_weights(self) -> None:
+        """trunc_normal(0.02) biases; also the hook :class:`PlainBackbone`'s init calls after its generic pass."""
         for name in ('an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias', 'ac_bias', 'ca_bias'):
             p = getattr(self, name)
             if p is not None and not p.is_meta:
                 trunc_normal_(p, std=.02)
-
-    def init_weights(self) -> None:
-        """Hook of :class:`PlainBackbone`'s init (keeps the official bias init after the generic pass)."""
-        self.init_biases()
 
     def resize_checkpoint_tensor(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """Hook of the checkpoint filters: row / column biases of another training map resized to this one."""

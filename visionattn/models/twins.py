@@ -32,8 +32,8 @@ from ..layers.conv_pos_enc import ConvPosEnc
 from ..layers.spatial_reduction_attention import SpatialReductionAttention
 from ..layers.window_attention import WindowAttention
 from ._builder import (
-    HierarchicalBackbone, Stage, add_residual, build_visionattn_model, check_state_dict, gelu_unless_grad, remap_keys,
-    unwrap_state_dict)
+    HierarchicalBackbone, Stage, add_residual, build_visionattn_model, check_host_args, check_state_dict,
+    gelu_unless_grad, remap_keys, unwrap_state_dict)
 
 __all__ = ['Twins', 'TwinsBlock', 'TwinsMlp', 'TwinsPatchEmbed', 'checkpoint_filter_fn', 'FAMILY_CARD']
 
@@ -190,10 +190,8 @@ class Twins(HierarchicalBackbone):
     ):
         dd = {'device': device, 'dtype': dtype}
         num_stages = len(depths)
-        for arg_name, arg in (('embed_dims', embed_dims), ('num_heads', num_heads), ('mlp_ratios', mlp_ratios),
-                              ('sr_ratios', sr_ratios)) + ((('window_sizes', window_sizes),) if window_sizes else ()):
-            if len(arg) != num_stages:
-                raise ValueError(f'{arg_name} has {len(arg)} entries, expected one per stage ({num_stages})')
+        check_host_args(depths, embed_dims=embed_dims, num_heads=num_heads, mlp_ratios=mlp_ratios,
+                        sr_ratios=sr_ratios, **({'window_sizes': window_sizes} if window_sizes else {}))
         dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))  # on CPU: also under a meta-device context
 
         stem = TwinsPatchEmbed(in_chans, embed_dims[0], patch_size, eps=1e-5, drop=pos_drop_rate, **dd)
