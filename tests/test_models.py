@@ -29,9 +29,10 @@ def _fixed_size(name):
     return timm.get_pretrained_cfg_value(name, 'fixed_input_size') or False
 
 
-SIZES, HIER_FIXED = {}, set()  # parameters as the tests build the model
+SIZES, HIER_FIXED, MIN_INPUT = {}, set(), {}  # parameters as the tests build the model; least input side
 for _name in MODELS:
     _meta = meta_model(_name)
+    MIN_INPUT[_name] = getattr(_meta, 'min_input_size', 0)
     if _fixed_size(_name) and hasattr(_meta, 'stages'):
         # hierarchical models with learned encodings sized to the input (FLatten, Agent): built at the
         # small test size with img_size=, which is the same code at fewer tokens
@@ -47,7 +48,7 @@ COMPILE_MODELS = sorted(min(names, key=SIZES.get) for names in FAMILIES.values()
 # Families whose variants of one architecture differ only in depth and width (the same blocks, stems and
 # mixers): the smallest variant of each architecture runs the real-number matrix, the others the meta-device
 # checks; their own fidelity tests build every variant.
-DEPTH_WIDTH_ONLY = ('visionattn_flatten_', 'visionattn_agent_')
+DEPTH_WIDTH_ONLY = ('visionattn_flatten_', 'visionattn_agent_', 'visionattn_biformer_')
 _SMALLEST = set(smallest_per_architecture())
 SMALL = [m for m in MODELS
          if SIZES[m] <= FULL_TEST_MAX_PARAMS and (not m.startswith(DEPTH_WIDTH_ONLY) or m in _SMALLEST)]
@@ -64,7 +65,8 @@ def _input_size(name, non_square=False):
         return (HIER_INPUT, HIER_INPUT)
     if _fixed_size(name):
         return tuple(cfg.input_size[1:])
-    return (HIER_INPUT, HIER_INPUT + 32) if non_square else (HIER_INPUT, HIER_INPUT)
+    side = max(HIER_INPUT, MIN_INPUT[name])  # BiFormer-STL-NCHW routes regions of at least one token: 112
+    return (side, side + 32) if non_square else (side, side)
 
 
 def _create(name, **kwargs):

@@ -1,2 +1,2 @@
 """visionattn model families; importing this package registers every model in timm."""
-from . import agent, cnn_attention, convit, davit, flatten, nat, ppma, twins  # noqa: F401
+from . import agent, biformer, cnn_attention, convit, davit, flatten, nat, ppma, twins  # noqa: F401

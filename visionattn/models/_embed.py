@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from visionattn.layers.padding import pad_to_multiple
 
-__all__ = ['NormChannelsLast', 'SwinPatchEmbed', 'PatchMerging']
+__all__ = ['NormChannelsLast', 'SwinPatchEmbed', 'PatchMerging', 'ConvNormDownsample']
 
 
 class NormChannelsLast(nn.Module):
@@ -49,3 +49,16 @@ class PatchMerging(nn.Module):
         x = pad_to_multiple(x, 2).permute(0, 2, 3, 1)
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
         return self.reduction(self.norm(x)).permute(0, 3, 1, 2)
+
+
+class ConvNormDownsample(nn.Module):
+    """Conv3x3/s2 (with bias) + BatchNorm2d (PPMA's ``PatchMerging``, BiFormer's downsamplers): NCHW -> NCHW
+    in channels-last memory."""
+
+    def __init__(self, in_chs: int, out_chs: int, device=None, dtype=None):
+        super().__init__()
+        self.reduction = nn.Conv2d(in_chs, out_chs, 3, 2, 1, device=device, dtype=dtype)
+        self.norm = nn.BatchNorm2d(out_chs, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.reduction(x)).contiguous(memory_format=torch.channels_last)

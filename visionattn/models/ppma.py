@@ -33,6 +33,7 @@ from ..layers.polyline_attention import PolylinePathAttention, PolylineRoPE
 from ._builder import (
     HierarchicalBackbone, Stage, build_visionattn_model, check_state_dict, init_linear_trunc_normal, remap_keys,
     unwrap_state_dict)
+from ._embed import ConvNormDownsample
 
 __all__ = ['PPMA', 'PPMABlock', 'checkpoint_filter_fn', 'FAMILY_CARD']
 
@@ -87,18 +88,6 @@ class PPMAStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).contiguous(memory_format=torch.channels_last)
-
-
-class PPMADownsample(nn.Module):
-    """Conv3x3/s2 (with bias) + BatchNorm2d (official ``PatchMerging``): NCHW -> NCHW (channels-last memory)."""
-
-    def __init__(self, in_chs: int, out_chs: int, device=None, dtype=None):
-        super().__init__()
-        self.reduction = nn.Conv2d(in_chs, out_chs, 3, 2, 1, device=device, dtype=dtype)
-        self.norm = nn.BatchNorm2d(out_chs, device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.reduction(x)).contiguous(memory_format=torch.channels_last)
 
 
 class PPMAMlp(nn.Module):
@@ -212,7 +201,7 @@ class PPMA(HierarchicalBackbone):
             cur += depths[s]
             stages.append(Stage(
                 blocks, out_chs=dim, reduction=4 * 2 ** s,
-                downsample=PPMADownsample(embed_dims[s - 1], dim, **dd) if s > 0 else None,
+                downsample=ConvNormDownsample(embed_dims[s - 1], dim, **dd) if s > 0 else None,
                 rel_pos=PolylineRoPE(dim // num_heads[s], **dd), block_fmt='NHWC'))
         super().__init__(
             stem, stages, num_classes=num_classes, in_chans=in_chans, global_pool=global_pool,
