@@ -293,6 +293,8 @@ def _load_tool(name):
     (['--model', 'visionattn_ppma_tiny', '--img', '0'], 'argument --img: 0: expected H or H W'),
     (['--model', 'visionattn_ppma_tiny', '--batch', '0'], '--batch 0'),
     (['--model', 'visionattn_davit_tiny', '--official'], "no official transcription for 'visionattn_davit_tiny'"),
+    (['--model', 'visionattn_biformer_tiny', '--model-kwargs', 'n_win'], "'n_win': expected KEY=VALUE"),
+    (['--model', 'visionattn_biformer_tiny', '--model-kwargs', 'n_win=sixteen'], "'n_win=sixteen': expected KEY=VALUE"),
 ])
 def test_benchmark_memory_bad_arguments_are_one_error_line(args, needle, capsys):
     with pytest.raises(SystemExit) as e:

@@ -4,9 +4,10 @@ For each model, ours and the reference are timed in interleaved rounds (so both 
 machine load); the median time per batch gives images/s and the ratio ours / reference.
 Reference: timm's model of the same name without the ``visionattn_`` prefix, or the entry in
 ``REFERENCES`` (e.g. NAT / DiNAT are compared with Swin of similar FLOPs, as their papers do; the CNN attention
-models with timm's plain ResNet-50 / MobileNetV2, FLatten and Agent attention with timm's Swin / PVTv2 / DeiT host). ``--official``
+models with timm's plain ResNet-50 / MobileNetV2, FLatten and Agent attention with timm's Swin / PVTv2 / DeiT host,
+BiFormer with Swin of similar FLOPs). ``--official``
 adds a third contender where the tests hold a transcription of the official network (``OFFICIAL``: the
-CBAM / Triplet / ELA CNNs, PPMA, FLatten, Agent attention), timed in the same interleaved rounds.
+CBAM / Triplet / ELA CNNs, PPMA, FLatten, Agent attention, BiFormer), timed in the same interleaved rounds.
 
 Usage:
   python tools/benchmark.py --models 'visionattn_davit_tiny' 'visionattn_twins_*' [--batch 8]
@@ -66,6 +67,12 @@ REFERENCES = {
     'visionattn_agent_deit_tiny': 'deit_tiny_patch16_224',
     'visionattn_agent_deit_small': 'deit_small_patch16_224',
     'visionattn_agent_deit_base': 'deit_base_patch16_224',
+    # BiFormer against Swin of similar FLOPs (S 4.5 GMACs = Swin-T), as its paper does
+    'visionattn_biformer_tiny': 'swin_tiny_patch4_window7_224',
+    'visionattn_biformer_small': 'swin_tiny_patch4_window7_224',
+    'visionattn_biformer_base': 'swin_small_patch4_window7_224',
+    'visionattn_biformer_stl': 'swin_tiny_patch4_window7_224',
+    'visionattn_biformer_stl_nchw': 'swin_tiny_patch4_window7_224',
 }
 
 # transcriptions of the official networks in the tests: name -> (module in tests/, factory(module) -> model)
@@ -87,17 +94,20 @@ OFFICIAL = {
     **{f'visionattn_agent_{name}': ('agent_reference', lambda ref, v=variant: ref.build_reference(v)) for name, variant in (
         ('pvt_tiny', 'agent_pvt_t'), ('swin_tiny', 'agent_swin_t'), ('deit_small', 'agent_deit_s'),
         ('cswin_tiny', 'agent_cswin_t'))},
+    **{f'visionattn_{variant}': ('biformer_reference', lambda ref, v=variant, **kw: ref.build_reference(v, **kw))
+       for variant in (
+        'biformer_tiny', 'biformer_small', 'biformer_base', 'biformer_stl', 'biformer_stl_nchw')},
 }
 
 
-def official_model(name):
-    """The official-code transcription of ``name`` from the tests, or None."""
+def official_model(name, **kwargs):
+    """The official-code transcription of ``name`` from the tests (``kwargs`` to its constructor), or None."""
     if name not in OFFICIAL:
         return None
     import importlib
     sys.path.insert(0, str(ROOT / 'tests'))
     module, factory = OFFICIAL[name]
-    return factory(importlib.import_module(module))
+    return factory(importlib.import_module(module), **kwargs)
 
 
 def reference_for(name):
@@ -125,16 +135,16 @@ def gmacs(model: torch.nn.Module, size) -> float:
     return counter.get_total_flops() / 2e9
 
 
-def create_at(name: str, img):
+def create_at(name: str, img, **kwargs):
     """``name`` built for inputs of ``img`` (S or (H, W)): ``img_size=img`` for models whose input size is fixed
-    at build time (timm's Swin, ConViT, FLatten), none for the others."""
+    at build time (timm's Swin, ConViT, FLatten), none for the others; ``kwargs`` go to the constructor."""
     size = (img, img) if isinstance(img, int) else tuple(img)
     if size != tuple(timm.get_pretrained_cfg_value(name, 'input_size')[1:]):
         try:
-            return timm.create_model(name, img_size=size)
+            return timm.create_model(name, img_size=size, **kwargs)
         except TypeError:  # the model takes any input size and has no img_size argument
             pass
-    return timm.create_model(name)
+    return timm.create_model(name, **kwargs)
 
 
 def make_step(model, x, train):

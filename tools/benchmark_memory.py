@@ -6,9 +6,10 @@ parent watches the child's resident memory and stops it past ``--limit-gb``, rep
 
 Usage:
   python tools/benchmark_memory.py --model visionattn_ppma_tiny --img 800 1216 [--batch 1] [--train]
-                                   [--official] [--limit-gb 16] [--threads 2]
+                                   [--official] [--limit-gb 16] [--threads 2] [--model-kwargs n_win=16 ...]
 ``--official`` also measures the transcription of the official code held by the tests
-(``tools/benchmark.py``'s ``OFFICIAL``) and prints the ratio; ``--save`` adds the line to
+(``tools/benchmark.py``'s ``OFFICIAL``) and prints the ratio; ``--model-kwargs`` (``key=value``, Python
+literals) go to both constructors (e.g. BiFormer's detection setting ``n_win=16 auto_pad=True``); ``--save`` adds the line to
 ``model_cards/measurements.json`` (``memory``) for tools/model_cards.py.
 """
 import argparse
@@ -42,7 +43,8 @@ def child(args):
     sys.path.insert(0, str(ROOT / 'tools'))
     from benchmark import create_at, official_model
     # built for the measured size where its input size is fixed at build time (FLatten's learned encodings)
-    model = official_model(args.model) if args.official else create_at(args.model, args.img)
+    kwargs = json.loads(args.model_kwargs_json)
+    model = official_model(args.model, **kwargs) if args.official else create_at(args.model, args.img, **kwargs)
     x = torch.randn(args.batch, 3, *args.img)
     base = _status_kb(os.getpid(), 'VmRSS')
     t0 = time.perf_counter()
@@ -59,7 +61,7 @@ def child(args):
 
 def measure(args, official):
     cmd = [sys.executable, __file__, '--child', '--model', args.model, '--img', *map(str, args.img),
-           '--batch', str(args.batch), '--threads', str(args.threads)]
+           '--batch', str(args.batch), '--threads', str(args.threads), '--model-kwargs-json', args.model_kwargs_json]
     cmd += ['--train'] if args.train else []
     cmd += ['--official'] if official else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -79,6 +81,20 @@ def measure(args, official):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _parse_kwargs(parser, items):
+    import ast
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        try:
+            if not sep or not key.isidentifier():
+                raise ValueError
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parser.error(f'argument --model-kwargs: {item!r}: expected KEY=VALUE with a Python literal value')
+    return kwargs
+
+
 def main(argv=None):
     sys.path.insert(0, str(ROOT))
     from visionattn.train.errors import ArgumentParser
@@ -91,7 +107,10 @@ def main(argv=None):
     parser.add_argument('--limit-gb', type=float, default=16.)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--save', action='store_true', help='merge the result into model_cards/measurements.json')
+    parser.add_argument('--model-kwargs', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='constructor arguments for ours and the official transcription (Python literals)')
     parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
+    parser.add_argument('--model-kwargs-json', default='{}', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if len(args.img) not in (1, 2) or min(args.img) < 1:
         parser.error(f'argument --img: {" ".join(map(str, args.img))}: expected H or H W (positive integers)')
@@ -99,6 +118,8 @@ def main(argv=None):
         parser.error(f'--batch {args.batch}, --threads {args.threads}, --limit-gb {args.limit_gb:g}: '
                      'expected positive values')
     args.img = args.img * 2 if len(args.img) == 1 else args.img
+    if args.model_kwargs:
+        args.model_kwargs_json = json.dumps(_parse_kwargs(parser, args.model_kwargs))
     if args.child:
         return child(args)
     import timm
@@ -112,6 +133,8 @@ def main(argv=None):
             parser.error(f'--official: no official transcription for {args.model!r} (have: {sorted(OFFICIAL)})')
     what = 'training step (forward + backward)' if args.train else 'forward (no grad)'
     setup = f'{what}, batch {args.batch}, {args.img[0]}x{args.img[1]}, fp32, {args.threads} threads'
+    if args.model_kwargs:
+        setup += ', ' + ' '.join(args.model_kwargs)
     print(f'{args.model}: {setup}, fresh process VmHWM')
     results = {'ours': measure(args, official=False)}
     if args.official:

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
+from .conv_pos_enc import DepthwiseConvNHWC
 from .fused_linear import fused_linear
 from .padding import crop_to, exporting, pad_to_multiple
 from .window_attention import window_partition, window_reverse
@@ -231,16 +232,6 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
 # ---------------------------------------------------------------------------------------------
 # modules
 
-class _DepthwiseConv(nn.Module):
-    """Depthwise k x k conv (with bias) applied to an NHWC map (the permutes are channels-last views)."""
-
-    def __init__(self, dim: int, kernel_size: int, device=None, dtype=None):
-        super().__init__()
-        self.conv = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim, device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
 
 @register_notrace_module  # FX leaf: padding, regions and blocks sized by the input
 class BiLevelRoutingAttention(nn.Module):
@@ -270,7 +261,7 @@ class BiLevelRoutingAttention(nn.Module):
         self.n_win, self.topk, self.mode, self.auto_pad = n_win, topk, mode, auto_pad
         self.scale = (qk_dim if mode == 'legacy' else dim) ** -0.5
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim, **dd)
-        self.lepe = _DepthwiseConv(dim, side_dwconv, **dd)
+        self.lepe = DepthwiseConvNHWC(dim, side_dwconv, **dd)
         self.proj = nn.Linear(dim, dim, **dd)
 
     def extra_repr(self) -> str:
@@ -350,7 +341,7 @@ class GlobalAttentionLePE(nn.Module):
         self.num_heads = num_heads
         self.lepe_on_v = lepe_on == 'v'
         self.qkv = nn.Linear(dim, 3 * dim, bias=False, **dd)
-        self.lepe = _DepthwiseConv(dim, side_dwconv, **dd)
+        self.lepe = DepthwiseConvNHWC(dim, side_dwconv, **dd)
         self.proj = nn.Linear(dim, dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Convolutional position encodings: ``x + depthwise_conv(x)`` (DaViT CPE, CPVT/Twins PEG)."""
+"""Depthwise convolutions on NHWC maps: ``x + depthwise_conv(x)`` position encodings (DaViT CPE, CPVT/Twins PEG)
+and the plain depthwise conv of LePE branches (PPMA, BiFormer)."""
 import torch
 import torch.nn as nn
 
@@ -17,3 +18,15 @@ class ConvPosEnc(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class DepthwiseConvNHWC(nn.Module):
+    """Depthwise k x k conv (with bias) applied to an NHWC map ``[B, H, W, C]`` (the permutes are channels-last
+    views); the conv is named ``conv``."""
+
+    def __init__(self, dim: int, kernel_size: int, device=None, dtype=None):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
+from .conv_pos_enc import DepthwiseConvNHWC
 from .fused_linear import fused_linear
 from .padding import exporting
 
@@ -428,7 +429,7 @@ class PolylinePathAttention(nn.Module):
         self.q_proj = nn.Linear(dim, dim, **dd)
         self.k_proj = nn.Linear(dim, dim, **dd)
         self.v_proj = nn.Linear(dim, dim, **dd)
-        self.lepe = _DepthwiseConv(dim, 5, **dd)
+        self.lepe = DepthwiseConvNHWC(dim, 5, **dd)
         self.out_proj = nn.Linear(dim, dim, **dd)
         self.path_embed = PathDecay(dim, num_heads, **dd)
 
@@ -463,14 +464,3 @@ class PolylinePathAttention(nn.Module):
             out = polyline_chunk_attention(q, k, v, alpha, beta)
         out = out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
         return fused_linear(out + lepe, self.out_proj.weight, self.out_proj.bias, residual=shortcut)
-
-
-class _DepthwiseConv(nn.Module):
-    """Depthwise k x k conv (with bias) applied to an NHWC map; the official ``DWConv2d`` (``conv``)."""
-
-    def __init__(self, dim: int, kernel_size: int, device=None, dtype=None):
-        super().__init__()
-        self.conv = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim, device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

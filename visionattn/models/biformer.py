@@ -62,7 +62,10 @@ FAMILY_CARD = dict(
         'Any input size works by default (auto_pad=True, the official detection/segmentation setting; at '
         'multiples of 16 * n_win it equals auto_pad=False exactly). STL-NCHW needs maps of at least n_win '
         'tokens per side in its routed stages (112 px at n_win=7).',
-        'Routing affinities are computed in float32 under autocast.',
+        'Routing affinities are computed in float32 under autocast. Where the k-th and (k+1)-th region '
+        'affinities lie within float rounding of each other, another runtime (ONNX Runtime, another device) may '
+        'pick the other region, as the official code does between devices; the export tests route to every '
+        'region for that reason.',
         'Detection: the official backbone has no frozen_stages / out_indices; visionattn.Backbone adds them.',
     ],
 )
