@@ -36,7 +36,7 @@ import visionattn.det  # noqa: E402,F401
 from visionattn.train import export as export_tool  # noqa: E402
 from visionattn.det import VisionAttnBackbone, backbone_channels  # noqa: E402
 from visionattn.det.convert import detection_model_kwargs  # noqa: E402
-from visionattn.det.families import DET_FAMILIES, family_for  # noqa: E402
+from visionattn.det.families import DET_FAMILIES, family_for, split_official_out_norms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,6 +71,8 @@ SMALLEST = {
     'flatten_cswin': ('visionattn_flatten_cswin_tiny', ('flatten', 'flatten_cswin_t'), None),
     'agent_pvt': ('visionattn_agent_pvt_tiny', ('agent', 'agent_pvt_t'), 'agent_pvt_tiny'),
     'agent_swin': ('visionattn_agent_swin_tiny', ('agent', 'agent_swin_t'), 'agent_swin_tiny'),
+    # no official Tiny detection config: the matrix runs BiFormer-T, the configs are the official BiFormer-S ones
+    'biformer': ('visionattn_biformer_tiny', ('biformer', 'biformer_tiny'), 'biformer_small'),
     'cnn_attention': ('visionattn_resnet18_cbam', ('cbam', 'resnet18_cbam'), None),
 }
 REGISTERED = set(visionattn.list_models())
@@ -450,7 +452,7 @@ def _retinanet_loss_step_and_predict(family, size):
     assert len(res) == 1 and res[0].pred_instances.bboxes.shape[-1] == 4
 
 
-@pytest.mark.parametrize('family', [f for f in ('twins_svt', 'agent_pvt', 'agent_swin') if f in LANDED] or LANDED[:1])
+@pytest.mark.parametrize('family', [f for f in ('twins_svt', 'agent_pvt', 'agent_swin', 'biformer') if f in LANDED] or LANDED[:1])
 def test_mask_rcnn_loss_step(family):
     cfg = _config(family, 'mask-rcnn')
     model = MODELS.build(cfg.model)
@@ -506,6 +508,9 @@ OFFICIAL_OPTIM = {
     'mask-rcnn_agent_pvt_tiny_fpn_1x_coco.py': (2e-4, 1e-4),    # agent_pvt_t_mrcnn_1x_12-16-28-28.py
     'retinanet_agent_swin_tiny_fpn_1x_coco.py': (1e-4, 0.05),   # derived from the Mask R-CNN one (no official)
     'mask-rcnn_agent_swin_tiny_fpn_1x_coco.py': (1e-4, 0.05),   # agent_swin_t_mrcnn_1x_9-12-14-7.py
+    # rayleizhu/BiFormer object_detection/configs/coco/*.1x.biformer_small.py
+    'retinanet_biformer_small_fpn_1x_coco.py': (1e-4, 1e-4),    # retinanet.1x.biformer_small.py (no paramwise_cfg)
+    'mask-rcnn_biformer_small_fpn_1x_coco.py': (1e-4, 0.05),    # maskrcnn.1x.biformer_small.py
 }
 # downstream_agent_shapes of the official configs (file suffixes 12-16-28-28 / 9-12-14-7)
 AGENT_DET_SHAPES = {'agent_pvt': [(12, 12), (16, 16), (28, 28), (28, 28)],
@@ -628,6 +633,191 @@ def test_agent_configs_official_optimizer_and_pipeline(family, det):
         assert [tuple(s) for s in first[0]['scales']] == [(480 + 32 * i, 1333) for i in range(11)]
         assert [t['type'] for t in second] == ['RandomChoiceResize', 'RandomCrop', 'RandomChoiceResize']
         assert tuple(second[1]['crop_size']) == (384, 600)
+
+
+# ------------------------------------------------------------------------------------------- BiFormer
+BIFORMER_BNS = ['stages.1.downsample.norm', 'stages.2.downsample.norm', 'stages.3.downsample.norm', 'stem.proj.1',
+                'stem.proj.4']
+
+
+def test_biformer_family_line():
+    """BiFormer_mm: n_win 16 and auto_pad (every official detection config), a LayerNorm2d (eps 1e-6) per output
+    (official extra_norms.{i}); T / S / B only (the STL variants have no official detection backbone)."""
+    from timm.layers import LayerNorm2d
+    from visionattn.layers.bilevel_routing_attention import BiLevelRoutingAttention
+    for model_name in ('visionattn_biformer_tiny', 'visionattn_biformer_small', 'visionattn_biformer_base'):
+        fam = family_for(model_name)
+        assert fam in DET_FAMILIES and fam.name == 'biformer' and fam.module == 'visionattn.models.biformer'
+        assert fam.out_norm_eps == 1e-6 and not fam.plain and fam.no_decay == ()
+        assert fam.official_out_norms == 'extra_norms.{i}'
+        kwargs = detection_model_kwargs(model_name, {})
+        assert kwargs['n_win'] == 16 and kwargs['auto_pad'] is True
+    assert detection_model_kwargs('visionattn_biformer_small', dict(n_win=8))['n_win'] == 8  # user wins (ADE20k: 8)
+    for model_name in ('visionattn_biformer_stl', 'visionattn_biformer_stl_nchw'):
+        if model_name in REGISTERED:
+            assert family_for(model_name) not in DET_FAMILIES  # the generic recipe
+    bb = VisionAttnBackbone('visionattn_biformer_small', device='meta')
+    attns = [m for m in bb.model.modules() if isinstance(m, BiLevelRoutingAttention)]
+    assert len(attns) == 4 + 4 + 18 and all(m.n_win == 16 and m.auto_pad for m in attns)
+    assert [type(m) for m in bb.out_norms.values()] == [LayerNorm2d] * 4
+    assert [(m.normalized_shape, m.eps) for m in bb.out_norms.values()] == [((c,), 1e-6) for c in (64, 128, 256, 512)]
+
+
+def test_official_detection_out_norm_names():
+    """An official detection checkpoint's per-output norms (BiFormer extra_norms.{i}, PPMA outnorm{i}) are the
+    wrapper's out_norms.{i}; nothing else moves."""
+    w = [torch.full((2,), float(i)) for i in range(4)]
+    cls_sd = {'stages.0.0.norm1.weight': w[0], 'extra_norms.0.weight': w[1], 'extra_norms.3.bias': w[2],
+              'outnorm2.weight': w[3]}
+    cls, det = split_official_out_norms(family_for('visionattn_biformer_small'), cls_sd, {})
+    assert list(cls) == ['stages.0.0.norm1.weight', 'outnorm2.weight']
+    assert det == {'out_norms.0.weight': w[1], 'out_norms.3.bias': w[2]}
+    cls, det = split_official_out_norms(family_for('visionattn_ppma_tiny'), cls_sd, {'out_norms.1.bias': w[0]})
+    assert list(cls) == ['stages.0.0.norm1.weight', 'extra_norms.0.weight', 'extra_norms.3.bias']
+    assert det == {'out_norms.1.bias': w[0], 'out_norms.2.weight': w[3]}
+    cls, det = split_official_out_norms(family_for('visionattn_davit_tiny'), cls_sd, {})
+    assert cls == cls_sd and det == {}
+
+
+def test_biformer_frozen_stages_and_norm_eval_on_its_batchnorms():
+    """The BatchNorms of the stem and the downsamplers stay in eval mode with norm_eval (BiFormer_mm's default) and
+    keep their statistics; frozen_stages=1 freezes the stem, stage 1 and its output norm only."""
+    bb = MODELS.build(_bb_cfg('visionattn_biformer_tiny', frozen_stages=1, norm_eval=True)).train()
+    bns = {n: m for n, m in bb.model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert sorted(bns) == BIFORMER_BNS and not any(m.training for m in bns.values())
+    stats = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in bns.items()}
+    frozen = [bb.model.stem, bb.model.stages[0], bb.out_norms['0']]
+    assert all(not p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for m in (bb.model.stages[1], bb.out_norms['1']) for p in m.parameters())
+    assert bb.model.stages[1].downsample.norm.weight.requires_grad  # trainable, statistics frozen
+    outs = bb(torch.randn(2, 3, 64, 96))
+    sum(o.sum() for o in outs).backward()
+    for n, m in bns.items():
+        assert torch.equal(m.running_mean, stats[n][0]) and torch.equal(m.running_var, stats[n][1]), n
+    assert bb.model.stages[1].downsample.norm.weight.grad is not None
+    live = MODELS.build(_bb_cfg('visionattn_biformer_tiny', norm_eval=False)).train()
+    assert all(m.training for m in live.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def _perturb(module, seed):
+    """Every parameter and buffer of ``module`` randomised (norm weights near 1, BN variances in [0.5, 1.5])."""
+    g = torch.Generator().manual_seed(seed)
+    norms = {id(m.weight) for m in module.modules() if isinstance(m, (nn.LayerNorm, nn.BatchNorm2d))}
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            r = torch.randn(t.shape, generator=g, dtype=t.dtype)
+            if name.endswith('running_var'):
+                t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) + 0.5)
+            elif id(t) in norms:
+                t.copy_(1 + 0.2 * r)
+            else:
+                t.copy_(r * (0.5 / max(1, t[0].numel()) ** 0.5 if t.ndim > 1 else 0.1))
+    return module
+
+
+def test_biformer_backbone_equals_official_detection_backbone_float64(tmp_path):
+    """The detection backbone (family kwargs: n_win 16, auto_pad) equals BiFormer_mm's forward_features (the
+    transcription, extra norms included) at a size that is no multiple of anything, every parameter perturbed; the
+    weights reach it as an official classification checkpoint ('model', with norm / head; issue #49)."""
+    import biformer_reference as ref
+    torch.manual_seed(0)
+    reference = _perturb(ref.build_reference('biformer_tiny', n_win=16, auto_pad=True).to(torch.float64), 0).eval()
+    extra_norms = _perturb(ref.build_extra_norms(reference).to(torch.float64), 1).eval()
+    torch.save({'model': reference.state_dict(), 'epoch': 300}, tmp_path / 'biformer_tiny_in1k.pth')
+    bb = VisionAttnBackbone('visionattn_biformer_tiny', drop_path_rate=0.,
+                            init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'biformer_tiny_in1k.pth')))
+    bb = bb.to(torch.float64)
+    bb.init_weights()
+    for i, norm in enumerate(extra_norms):  # official extra_norms.{i} -> out_norms.{i}
+        bb.out_norms[str(i)].load_state_dict(norm.state_dict())
+    bb.eval()
+    x = torch.randn(1, 3, 200, 264, dtype=torch.float64)
+    with torch.no_grad():
+        want = ref.reference_backbone_outputs(reference, x, extra_norms)
+        got = bb(x)
+    assert [tuple(o.shape) for o in got] == [(1, 64, 50, 66), (1, 128, 25, 33), (1, 256, 13, 17), (1, 512, 7, 9)]
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert b.abs().max() > 0.1  # not degenerate
+        assert (a - b).abs().max().item() < 1e-10, i
+    with torch.no_grad():  # the raw stage outputs too (out_norms=False)
+        raw = bb.model.forward_intermediates(x, indices=bb._take, intermediates_only=True)
+        for a, b in zip(raw, ref.reference_backbone_outputs(reference, x)):
+            assert (a - b).abs().max().item() < 1e-10
+
+
+def test_biformer_official_classification_checkpoint(tmp_path):
+    """biformer_small_in1k.pth ('model'; issue #49: head / norm unexpected, extra_norms missing, officially loaded
+    with strict=False): every backbone tensor loads, head and the BatchNorm norm are dropped, the four output norms
+    are new (reported), and the report says so."""
+    sd = random_state_dict(load_layout('biformer', 'biformer_small'))
+    torch.save(wrap(sd, 'model'), tmp_path / 'biformer_small_in1k.pth')
+    bb = VisionAttnBackbone('visionattn_biformer_small')
+    report = bb.load_pretrained(str(tmp_path / 'biformer_small_in1k.pth'))
+    assert sorted(report.loaded) == sorted(bb.model.state_dict())
+    assert sorted(report.dropped) == sorted(['head.fc.weight', 'head.fc.bias'] + [  # official head.* is head.fc.*
+        f'norm.{p}' for p in ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')])
+    assert sorted(report.new) == sorted(f'out_norms.{i}.{p}' for i in range(4) for p in ('weight', 'bias'))
+    assert sum(v.numel() for v in bb.model.state_dict().values()) == sum(
+        v.numel() for k, v in sd.items() if not k.startswith(('head.', 'norm.')))
+    torch.testing.assert_close(bb.model.stages[2].blocks[17].mlp.fc2.weight, sd['stages.2.17.mlp.3.weight'],
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('family', ['biformer', 'ppma'])
+def test_official_detection_checkpoint(family, tmp_path):
+    """An official mmdet 2.x detector checkpoint ({'state_dict': {'backbone.<official key>', neck, heads}}: BiFormer_mm,
+    Backbone_PPMAViT; no head / final norm) loads whole: the backbone through the family filter, the official
+    per-output norms (extra_norms.{i} / outnorm{i}) as out_norms.{i}."""
+    model_name, layout, _ = SMALLEST[family]
+    head = ('head.', 'norm.', 'avgpool.', 'proj.', 'swish.')
+    sd = {k: v for k, v in random_state_dict(load_layout(*layout)).items() if not k.startswith(head)}
+    template = family_for(model_name).official_out_norms
+    extra = {template.format(i=i) + f'.{p}': torch.randn(c) for i, c in enumerate((64, 128, 256, 512))
+             for p in ('weight', 'bias')}
+    det = {'meta': {}, 'state_dict': {**{'backbone.' + k: v for k, v in {**sd, **extra}.items()},
+                                      'neck.lateral_convs.0.conv.weight': torch.zeros(1)}}
+    torch.save(det, tmp_path / 'detector.pth')
+    bb = VisionAttnBackbone(model_name)
+    report = bb.load_pretrained(str(tmp_path / 'detector.pth'))
+    assert sorted(report.loaded) == sorted(bb.model.state_dict()) and not report.new
+    for i in range(4):
+        for p in ('weight', 'bias'):
+            torch.testing.assert_close(getattr(bb.out_norms[str(i)], p), extra[template.format(i=i) + f'.{p}'],
+                                       rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('det', ['retinanet', 'mask-rcnn'])
+def test_biformer_configs_official_recipe(det):
+    """The official BiFormer-S recipes: drop path 0.2, norm_eval, native AMP with a static loss scale of 512, AdamW
+    lr 1e-4; Mask R-CNN: wd 0.05 except where the official key 'norm' matches (the LayerNorms: norm1 / norm2 and the
+    output norms), the stem / downsampler BatchNorms (officially downsample_layers.i.j) decayed; RetinaNet: wd 1e-4
+    on every parameter, find_unused_parameters (FPN start_level=1 leaves the stride-4 output unused)."""
+    from mmengine.optim import build_optim_wrapper
+    cfg = _config('biformer', det)
+    bb_cfg = cfg.model.backbone
+    assert bb_cfg.model_name == 'visionattn_biformer_small' and bb_cfg.drop_path_rate == 0.2 and bb_cfg.norm_eval
+    assert bb_cfg.frozen_stages == -1 and list(cfg.model.neck.in_channels) == [64, 128, 256, 512]
+    ow_cfg = copy.deepcopy(cfg.optim_wrapper)
+    assert ow_cfg.type == 'AmpOptimWrapper' and ow_cfg.loss_scale == 512.
+    assert cfg.get('find_unused_parameters', False) == (det == 'retinanet')
+    assert cfg.train_cfg.max_epochs == 12 and cfg.param_scheduler[1].milestones == [8, 11]
+    ow_cfg.type = 'OptimWrapper'  # AmpOptimWrapper needs a GPU; the parameter groups are the same
+    ow_cfg.pop('loss_scale')
+    model = MODELS.build(cfg.model)
+    assert model.backbone.model.stages[3].blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
+    ow = build_optim_wrapper(model, ow_cfg)
+    assert type(ow.optimizer).__name__ == 'AdamW'
+    group = {id(p): g for g in ow.optimizer.param_groups for p in g['params']}
+    assert all(g['lr'] == 1e-4 and g['betas'] == (0.9, 0.999) for g in group.values())
+    wd = 0.05 if det == 'mask-rcnn' else 1e-4
+    layer_norms = {id(p) for m in model.backbone.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    batch_norms = {id(p) for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    assert len(layer_norms) == 2 * (2 * (4 + 4 + 18 + 4) + 4) and len(batch_norms) == 2 * len(BIFORMER_BNS)
+    for name, p in model.named_parameters():
+        expect = 0. if det == 'mask-rcnn' and id(p) in layer_norms else wd
+        assert group[id(p)]['weight_decay'] == pytest.approx(expect), name
 
 
 def test_shapes_config_and_dataset(tmp_path):

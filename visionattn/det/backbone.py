@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .convert import (
     LoadReport, create_classifier, detection_model_kwargs, level_feature_indices, load_checkpoint_file,
     map_to_backbone, plain_level_blocks, prune_for_detection, select_state_dict)
-from .families import family_for
+from .families import family_for, split_official_out_norms
 
 __all__ = ['VisionAttnBackbone', 'SimplePyramidLevel']
 
@@ -255,6 +255,7 @@ class VisionAttnBackbone(BaseModule):
         """Load backbone weights from ``checkpoint`` (see the class docstring); returns the report."""
         ckpt = load_checkpoint_file(checkpoint, map_location=map_location)
         cls_sd, det_only, notes = select_state_dict(ckpt, ema=ema, prefix=prefix, source=str(checkpoint))
+        cls_sd, det_only = split_official_out_norms(self.family, cls_sd, det_only)  # official detection checkpoints
         own = self.model.state_dict()
         keys = list(own)
         if strict:

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from visionattn.weights import load_weights
 
-from .families import DetFamily, family_for
+from .families import DetFamily, family_for, split_official_out_norms
 
 __all__ = [
     'DET_ONLY_PREFIXES', 'create_classifier', 'detection_model_kwargs', 'prune_for_detection',
@@ -309,6 +309,7 @@ def export_state_dict(
     ``num_classes=0``), and exactly the keys the detection backbone uses (what the mmdet file holds).
     """
     cls_sd, det_only, notes = select_state_dict(checkpoint, ema=ema, source=source)
+    cls_sd, det_only = split_official_out_norms(family_for(model_name), cls_sd, det_only)
     model, _ = backbone_model(model_name, meta=True, model_kwargs=model_kwargs)
     keys = list(model.state_dict())
     backbone_sd, file_sd, reference = map_checkpoint(cls_sd, model_name, keys, model_kwargs, source)

@@ -53,14 +53,24 @@ Where the fields come from (``../shared/specs``):
   official optimiser's ``custom_keys`` (its ``'norm'`` key is ``norm_decay_mult=0``). Agent-PVT: the four raw
   stage maps (no output norms, the classifier has no final norm); the official optimiser decays every
   parameter (AdamW wd 1e-4, no ``paramwise_cfg``), so nothing is listed.
+* BiFormer (biformer_nat_ppma.md §1.5; official ``object_detection/models_mm/biformer_mm.py`` ``BiFormer_mm``,
+  configs ``configs/coco/{maskrcnn,retinanet}.1x.biformer_{small,base}.py``): the four stage outputs (each
+  stage's downsample and blocks, visionattn's stages) with a new timm ``LayerNorm2d`` (eps 1e-6) per output, the
+  official ``extra_norms.{i}``; ``n_win=16`` (classification: 7) and ``auto_pad=True``, as every official
+  detection config. The official backbone keeps its BatchNorms (stem, downsamplers) in eval mode
+  (``norm_eval=True`` by default; here the wrapper's ``norm_eval``, set by the configs) and has no
+  ``frozen_stages`` (the wrapper adds it). No position tables, so nothing in ``no_decay`` (the official Mask
+  R-CNN optimiser's ``'norm'`` key matches the LayerNorms only; its configs say how). T / S / B only: the STL
+  variants have no official detection backbone and get the generic recipe.
 """
 import functools
 import re
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ['DetFamily', 'DET_FAMILIES', 'family_for', 'dinat_detection_dilations']
+__all__ = ['DetFamily', 'DET_FAMILIES', 'family_for', 'dinat_detection_dilations', 'split_official_out_norms']
 
 
 def _repeat(pattern: Sequence[int], n: int) -> List[int]:
@@ -101,6 +111,10 @@ class DetFamily:
         det_kwargs: ``fn(model_name, depths) -> dict`` of model kwargs used for detection only
             (e.g. DiNAT's dilations); user kwargs override them.
         model_kwargs: kwargs always passed for detection (e.g. dynamic image size).
+        official_out_norms: key of the official detection backbone's per-output norm, ``{i}`` standing for the
+            level (BiFormer ``'extra_norms.{i}'``, PPMA ``'outnorm{i}'``): an official detection checkpoint's
+            ``backbone.<key>.*`` tensors are this wrapper's ``out_norms.{i}.*`` (see
+            :func:`split_official_out_norms`).
     """
     name: str
     pattern: str
@@ -110,6 +124,7 @@ class DetFamily:
     no_decay: Tuple[str, ...] = ()
     det_kwargs: Optional[Callable[[str, Sequence[int]], Dict]] = None
     model_kwargs: Dict = field(default_factory=dict)
+    official_out_norms: Optional[str] = None
 
     def matches(self, model_name: str) -> bool:
         return re.match(self.pattern, model_name) is not None
@@ -142,15 +157,37 @@ DET_FAMILIES: Tuple[DetFamily, ...] = (
     DetFamily('dinat', r'^visionattn_dinat_(?!s_|isotropic)', 'visionattn.models.nat', out_norm_eps=1e-5, no_decay=('rpb',), det_kwargs=_dinat_kwargs),
     DetFamily('dinat_s', r'^visionattn_dinat_s_', 'visionattn.models.nat', out_norm_eps=1e-5, no_decay=('rpb',), det_kwargs=_dinat_s_kwargs),
     DetFamily('nat_isotropic', r'^visionattn_(nat_isotropic|dinat_isotropic|vitrpb)_', 'visionattn.models.nat', out_norm_eps=1e-5, plain=True, no_decay=('rpb', 'relative_position')),
-    DetFamily('ppma', r'^visionattn_ppma_', 'visionattn.models.ppma', out_norm_eps=1e-5, no_decay=('dt_bias', 'A_log')),
+    DetFamily('ppma', r'^visionattn_ppma_', 'visionattn.models.ppma', out_norm_eps=1e-5, no_decay=('dt_bias', 'A_log'), official_out_norms='outnorm{i}'),
     DetFamily('flatten_pvt', r'^visionattn_flatten_pvt_(?!v2_)', 'visionattn.models.flatten', no_decay=_FLATTEN_NO_DECAY, model_kwargs=dict(dynamic_img_size=True)),
     DetFamily('flatten_pvt_v2', r'^visionattn_flatten_pvt_v2_', 'visionattn.models.flatten', no_decay=_FLATTEN_NO_DECAY, model_kwargs=dict(dynamic_img_size=True)),
     DetFamily('flatten_swin', r'^visionattn_flatten_swin_', 'visionattn.models.flatten', out_norm_eps=1e-5, no_decay=_FLATTEN_NO_DECAY + ('relative_position_bias_table',), model_kwargs=dict(dynamic_img_size=True)),
     DetFamily('flatten_cswin', r'^visionattn_flatten_cswin_', 'visionattn.models.flatten', out_norm_eps=1e-5, no_decay=_FLATTEN_NO_DECAY, model_kwargs=dict(dynamic_img_size=True)),
     DetFamily('agent_pvt', r'^visionattn_agent_pvt_', 'visionattn.models.agent', model_kwargs=dict(dynamic_img_size=True, agent_shapes=AGENT_PVT_DET_SHAPES)),
     DetFamily('agent_swin', r'^visionattn_agent_swin_', 'visionattn.models.agent', out_norm_eps=1e-5, no_decay=('relative_position_bias_table',) + _AGENT_BIASES, model_kwargs=dict(dynamic_img_size=True, agent_shapes=AGENT_SWIN_DET_SHAPES)),
+    DetFamily('biformer', r'^visionattn_biformer_(tiny|small|base)$', 'visionattn.models.biformer', out_norm_eps=1e-6, model_kwargs=dict(n_win=16, auto_pad=True), official_out_norms='extra_norms.{i}'),
     DetFamily('cnn_attention', r'^visionattn_(resnet\d+|mobilenetv2)_(cbam|triplet|ela_[a-z])$', 'visionattn.models.cnn_attention'),
 )
+
+
+def split_official_out_norms(family: DetFamily, cls_sd: Dict, det_only: Dict) -> Tuple[Dict, Dict]:
+    """Move an official detection checkpoint's per-output norms to the wrapper's names.
+
+    ``cls_sd`` / ``det_only`` are the backbone tensors of a checkpoint (``backbone.`` stripped) as
+    ``visionattn.det.convert.select_state_dict`` splits them; keys ``family.official_out_norms`` (e.g. BiFormer's
+    ``extra_norms.{i}.weight``) leave ``cls_sd`` and join ``det_only`` as ``out_norms.{i}.weight``. A key the wrapper
+    also has under that name wins over the official one. Returns new ``(cls_sd, det_only)``.
+    """
+    cls_out, det_out = OrderedDict(cls_sd), OrderedDict(det_only)
+    if not family.official_out_norms:
+        return cls_out, det_out
+    head, _, tail = family.official_out_norms.partition('{i}')
+    official = re.compile('^' + re.escape(head) + r'(\d+)' + re.escape(tail) + r'\.(.+)$')
+    for key in list(cls_out):
+        m = official.match(key)
+        if m:
+            value = cls_out.pop(key)
+            det_out.setdefault(f'out_norms.{int(m.group(1))}.{m.group(2)}', value)
+    return cls_out, det_out
 
 
 def family_for(model_name: str) -> DetFamily:
