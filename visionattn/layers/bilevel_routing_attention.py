@@ -26,7 +26,7 @@ uses in its last stage.
 import contextlib
 import contextvars
 import os
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -92,10 +92,16 @@ def _block_elements() -> int:
     return BLOCK_ELEMENTS
 
 
-def _regions_per_block(total: int, topk: int, tokens: int, heads: int, channels: int) -> int:
+def _regions_per_block(total: int, topk: int, tokens: int, heads: int, head_channels: int) -> int:
     """Query regions per block so that gathered K/V rows plus one block of logits stay in the budget."""
-    per_region = topk * tokens * (channels + heads * tokens)
+    per_region = topk * tokens * heads * (head_channels + tokens)
     return max(1, min(total, _block_elements() // max(per_region, 1)))
+
+
+def _blocks(total: int, topk: int, tokens: int, heads: int, head_channels: int) -> List[Tuple[int, int]]:
+    """(start, stop) of the blocks of query regions; one block while exporting (sizes are symbolic then)."""
+    step = total if exporting() else _regions_per_block(total, topk, tokens, heads, head_channels)
+    return [(start, min(start + step, total)) for start in range(0, total, step)]
 
 
 def _flat_index(index: torch.Tensor) -> torch.Tensor:
@@ -120,31 +126,73 @@ def _routed_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: to
     topk = index.shape[-1]
     rows = _flat_index(index)
     qf, kf, vf = q.reshape(n * r, t, m, dq), k.reshape(n * r, t, m, dq), v.reshape(n * r, t, m, dv)
-    step = n * r if exporting() else _regions_per_block(n * r, topk, t, m, m * (dq + dv))
     outs = [q.new_empty(0, t, m, dv)]  # an empty batch has no block
-    for start in range(0, n * r, step):
-        sel = rows[start:start + step]
+    for start, stop in _blocks(n * r, topk, t, m, dq + dv):
+        sel = rows[start:stop]
         outs.append(F.scaled_dot_product_attention(
-            qf[start:start + step].transpose(1, 2), _gather_heads(kf, sel), _gather_heads(vf, sel),
+            qf[start:stop].transpose(1, 2), _gather_heads(kf, sel), _gather_heads(vf, sel),
             scale=scale).transpose(1, 2))
     out = outs[1] if len(outs) == 2 else torch.cat(outs)
     return out.reshape(n, r, t, m, dv)
 
 
+def _softmax_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision inputs, else the input's dtype."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _cpu_flash(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """The CPU flash-attention kernels apply: CPU tensors and one head size for q/k and v."""
+    return q.device.type == 'cpu' and q.shape[-1] == v.shape[-1]
+
+
+def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """(B, M, Lq, D) attention -> (out, log-sum-exp of the scaled logits): CPU flash kernel, else written out."""
+    if _cpu_flash(q, v):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    s = (q @ k.transpose(-2, -1)).to(_softmax_dtype(q)).mul_(scale)
+    lse = s.logsumexp(-1)
+    return (s.sub_(lse[..., None]).exp_().to(v.dtype) @ v), lse
+
+
+def _attention_lse_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            out: torch.Tensor, lse: torch.Tensor, scale: float):
+    """Gradients (dq, dk, dv) of :func:`_attention_lse` from its saved output and log-sum-exp."""
+    if _cpu_flash(q, v):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, lse, 0.0, False, scale=scale)
+    acc = _softmax_dtype(q)
+    p = (q @ k.transpose(-2, -1)).to(acc).mul_(scale).sub_(lse[..., None]).exp_()
+    dv = p.to(grad.dtype).transpose(-2, -1) @ grad
+    dp = (grad @ v.transpose(-2, -1)).to(acc)
+    ds = p.mul_(dp.sub_((grad * out).to(acc).sum(-1, keepdim=True))).mul_(scale).to(q.dtype)
+    return ds @ k, ds.transpose(-2, -1) @ q, dv
+
+
 class _RoutedAttention(torch.autograd.Function):
-    """Training path of the PyTorch backend: saves q, k, v and the index only; backward recomputes the
-    probabilities per block of query regions and scatter-adds the K/V gradients into their regions."""
+    """Training path of the PyTorch backend: saves q, k, v, the index, the output and its log-sum-exp; the
+    backward gathers the routed rows again per block of query regions (CPU: the flash-attention backward kernel)
+    and scatter-adds the K/V gradients into their regions. No gathered K/V or probabilities are kept."""
 
     @staticmethod
     def forward(ctx, q, k, v, index, scale):
-        ctx.save_for_backward(q, k, v, index)
+        n, r, t, m, dq = q.shape
+        dv = v.shape[-1]
+        rows = _flat_index(index)
+        qf, kf, vf = q.reshape(n * r, t, m, dq), k.reshape(n * r, t, m, dq), v.reshape(n * r, t, m, dv)
+        out = q.new_empty(n * r, m, t, dv)
+        lse = torch.empty(n * r, m, t, dtype=_softmax_dtype(q), device=q.device)
+        for start, stop in _blocks(n * r, index.shape[-1], t, m, dq + dv):
+            sel = rows[start:stop]
+            out[start:stop], lse[start:stop] = _attention_lse(
+                qf[start:stop].transpose(1, 2), _gather_heads(kf, sel), _gather_heads(vf, sel), scale)
+        ctx.save_for_backward(q, k, v, index, out, lse)
         ctx.scale = scale
-        return _routed_forward(q, k, v, index, scale)
+        return out.transpose(1, 2).reshape(n, r, t, m, dv)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, index = ctx.saved_tensors
-        scale = ctx.scale
+        q, k, v, index, out, lse = ctx.saved_tensors
         n, r, t, m, dq = q.shape
         dv = v.shape[-1]
         topk = index.shape[-1]
@@ -154,22 +202,16 @@ class _RoutedAttention(torch.autograd.Function):
         grad_q = torch.empty(n * r, t, m, dq, dtype=q.dtype, device=q.device)
         grad_k = torch.zeros(n * r, t, m, dq, dtype=k.dtype, device=k.device)
         grad_v = torch.zeros(n * r, t, m, dv, dtype=v.dtype, device=v.device)
-        step = _regions_per_block(n * r, topk, t, m, m * (dq + dv))
-        for start in range(0, n * r, step):
-            sel = rows[start:start + step]
-            b = sel.shape[0]
-            qb = qf[start:start + b].transpose(1, 2)             # (b, M, T, Dq)
-            gb = gf[start:start + b].transpose(1, 2)             # (b, M, T, Dv)
-            kb, vb = _gather_heads(kf, sel), _gather_heads(vf, sel)
-            p = torch.softmax((qb @ kb.transpose(-2, -1)).mul_(scale), dim=-1)
-            grad_vb = p.transpose(-2, -1) @ gb                    # (b, M, topk*T, Dv)
-            dp = gb @ vb.transpose(-2, -1)
-            ds = p.mul_(dp.sub_((dp * p).sum(-1, keepdim=True))).mul_(scale)
-            grad_q[start:start + b] = (ds @ kb).transpose(1, 2)
-            grad_kb = ds.transpose(-2, -1) @ qb                   # (b, M, topk*T, Dq)
+        for start, stop in _blocks(n * r, topk, t, m, dq + dv):
+            sel = rows[start:stop]
+            b = stop - start
+            dqb, dkb, dvb = _attention_lse_backward(
+                gf[start:stop].transpose(1, 2), qf[start:stop].transpose(1, 2), _gather_heads(kf, sel),
+                _gather_heads(vf, sel), out[start:stop], lse[start:stop], ctx.scale)
+            grad_q[start:stop] = dqb.transpose(1, 2)
             flat_sel = sel.reshape(-1)
-            grad_k.index_add_(0, flat_sel, grad_kb.transpose(1, 2).reshape(b * topk, t, m, dq))
-            grad_v.index_add_(0, flat_sel, grad_vb.transpose(1, 2).reshape(b * topk, t, m, dv))
+            grad_k.index_add_(0, flat_sel, dkb.transpose(1, 2).reshape(b * topk, t, m, dq))
+            grad_v.index_add_(0, flat_sel, dvb.transpose(1, 2).reshape(b * topk, t, m, dv))
         return (grad_q.view(n, r, t, m, dq), grad_k.view(n, r, t, m, dq), grad_v.view(n, r, t, m, dv),
                 None, None)
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from timm.models._features_fx import register_notrace_function
 
-__all__ = ['fused_linear', 'onednn_linear_available']
+__all__ = ['fused_linear', 'gelu_mlp', 'onednn_linear_available']
 
 
 def _probe() -> bool:
@@ -103,3 +103,51 @@ def fused_linear(
     if residual is not None:
         out = out + residual
     return out
+
+
+class _GeluLinear(torch.autograd.Function):
+    """``F.linear(gelu(h), weight, bias)`` that saves ``h`` only: ``gelu(h)`` is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(F.gelu(h), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        flat = grad.reshape(-1, grad.shape[-1])
+        grad_weight = flat.t() @ F.gelu(h).reshape(-1, h.shape[-1])
+        grad_bias = flat.sum(0) if ctx.has_bias else None
+        return torch.ops.aten.gelu_backward(grad @ weight, h), grad_weight, grad_bias
+
+
+@torch.jit.unused
+def _recompute_gelu(x: torch.Tensor) -> bool:
+    # autocast would run the backward's matmuls on mixed dtypes; the meta device has no autocast state
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling() and x.device.type != 'meta'
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+@register_notrace_function  # FX: decide at run time (depends on grad mode and device)
+def gelu_mlp(
+        x: torch.Tensor,
+        fc1_weight: torch.Tensor,
+        fc1_bias: Optional[torch.Tensor],
+        fc2_weight: torch.Tensor,
+        fc2_bias: Optional[torch.Tensor],
+        residual: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``fc2(gelu(fc1(x))) + residual`` (exact GELU; ``residual`` optional).
+
+    Inference: two :func:`fused_linear` calls (GELU and the residual add in the oneDNN epilogues). With autograd
+    (outside autocast and torch.compile) the GELU output is recomputed in backward instead of kept, so an MLP saves
+    its hidden map once, not twice (a third of a transformer block's saved activations).
+    """
+    if not torch.jit.is_scripting():
+        if _recompute_gelu(x):
+            out = _GeluLinear.apply(F.linear(x, fc1_weight, fc1_bias), fc2_weight, fc2_bias)
+            return out if residual is None else out + residual
+    x = fused_linear(x, fc1_weight, fc1_bias, act='gelu')
+    return fused_linear(x, fc2_weight, fc2_bias, residual=residual)

@@ -28,7 +28,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..layers.bilevel_routing_attention import BiLevelRoutingAttention, GlobalAttentionLePE
 from ..layers.conv_pos_enc import ConvPosEnc
-from ..layers.fused_linear import fused_linear
+from ..layers.fused_linear import gelu_mlp
 from ._builder import (
     HierarchicalBackbone, Stage, add_residual, build_visionattn_model, check_state_dict, init_linear_trunc_normal,
     remap_keys, unwrap_state_dict)
@@ -110,8 +110,8 @@ class NormConvDownsample(nn.Module):
 
 
 class BiFormerMlp(nn.Module):
-    """fc1 -> GELU -> fc2 on an NHWC map; fc1 + GELU and fc2 + the optional ``shortcut`` are one fused op each
-    at CPU inference."""
+    """fc1 -> GELU -> fc2 (+ ``shortcut``) on an NHWC map, through :func:`~visionattn.layers.fused_linear.gelu_mlp`
+    (oneDNN epilogues at CPU inference; the GELU output recomputed in backward when training)."""
 
     def __init__(self, dim: int, hidden_dim: int, device=None, dtype=None):
         super().__init__()
@@ -119,8 +119,7 @@ class BiFormerMlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = fused_linear(x, self.fc1.weight, self.fc1.bias, act='gelu')
-        return fused_linear(x, self.fc2.weight, self.fc2.bias, residual=shortcut)
+        return gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, residual=shortcut)
 
 
 class BiFormerBlock(nn.Module):
