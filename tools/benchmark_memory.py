@@ -7,9 +7,11 @@ parent watches the child's resident memory and stops it past ``--limit-gb``, rep
 Usage:
   python tools/benchmark_memory.py --model visionattn_ppma_tiny --img 800 1216 [--batch 1] [--train]
                                    [--official] [--limit-gb 16] [--threads 2] [--model-kwargs n_win=16 ...]
+                                   [--grad-checkpointing]
 ``--official`` also measures the transcription of the official code held by the tests
 (``tools/benchmark.py``'s ``OFFICIAL``) and prints the ratio; ``--model-kwargs`` (``key=value``, Python
-literals) go to both constructors (e.g. BiFormer's detection setting ``n_win=16 auto_pad=True``); ``--save`` adds the line to
+literals) go to both constructors (e.g. BiFormer's detection setting ``n_win=16 auto_pad=True``);
+``--grad-checkpointing`` measures our model with ``set_grad_checkpointing()`` (blocks recomputed in backward); ``--save`` adds the line to
 ``model_cards/measurements.json`` (``memory``) for tools/model_cards.py.
 """
 import argparse
@@ -45,6 +47,8 @@ def child(args):
     # built for the measured size where its input size is fixed at build time (FLatten's learned encodings)
     kwargs = json.loads(args.model_kwargs_json)
     model = official_model(args.model, **kwargs) if args.official else create_at(args.model, args.img, **kwargs)
+    if args.grad_checkpointing and not args.official:
+        model.set_grad_checkpointing(True)
     x = torch.randn(args.batch, 3, *args.img)
     base = _status_kb(os.getpid(), 'VmRSS')
     t0 = time.perf_counter()
@@ -64,6 +68,7 @@ def measure(args, official):
            '--batch', str(args.batch), '--threads', str(args.threads), '--model-kwargs-json', args.model_kwargs_json]
     cmd += ['--train'] if args.train else []
     cmd += ['--official'] if official else []
+    cmd += ['--grad-checkpointing'] if args.grad_checkpointing else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     limit = args.limit_gb * 2 ** 30
     seen = 0
@@ -109,6 +114,8 @@ def main(argv=None):
     parser.add_argument('--save', action='store_true', help='merge the result into model_cards/measurements.json')
     parser.add_argument('--model-kwargs', nargs='+', default=[], metavar='KEY=VALUE',
                         help='constructor arguments for ours and the official transcription (Python literals)')
+    parser.add_argument('--grad-checkpointing', action='store_true',
+                        help='our model with set_grad_checkpointing() (not the official transcription)')
     parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--model-kwargs-json', default='{}', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -135,6 +142,8 @@ def main(argv=None):
     setup = f'{what}, batch {args.batch}, {args.img[0]}x{args.img[1]}, fp32, {args.threads} threads'
     if args.model_kwargs:
         setup += ', ' + ' '.join(args.model_kwargs)
+    if args.grad_checkpointing:
+        setup += ', ours with gradient checkpointing'
     print(f'{args.model}: {setup}, fresh process VmHWM')
     results = {'ours': measure(args, official=False)}
     if args.official:
