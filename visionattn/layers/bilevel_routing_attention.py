@@ -111,6 +111,13 @@ def _flat_index(index: torch.Tensor) -> torch.Tensor:
     return (index + offset).reshape(n * r, topk)
 
 
+def _region_tables(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor):
+    """(N, R, T, M, D) q, k, v and (N, R, topk) index -> (rows (N*R, topk), q, k, v as (N*R, T, M, D) views)."""
+    n, r, t, m, dq = q.shape
+    return (_flat_index(index), q.reshape(n * r, t, m, dq), k.reshape(n * r, t, m, dq),
+            v.reshape(n * r, t, m, v.shape[-1]))
+
+
 def _gather_heads(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Region table x (NR, T, M, D) and rows (b, topk) -> keys (b, M, topk * T, D) (one copy of the rows)."""
     b, topk = rows.shape
@@ -124,8 +131,7 @@ def _routed_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: to
     n, r, t, m, dq = q.shape
     dv = v.shape[-1]
     topk = index.shape[-1]
-    rows = _flat_index(index)
-    qf, kf, vf = q.reshape(n * r, t, m, dq), k.reshape(n * r, t, m, dq), v.reshape(n * r, t, m, dv)
+    rows, qf, kf, vf = _region_tables(q, k, v, index)
     outs = [q.new_empty(0, t, m, dv)]  # an empty batch has no block
     for start, stop in _blocks(n * r, topk, t, m, dq + dv):
         sel = rows[start:stop]
@@ -178,8 +184,7 @@ class _RoutedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, index, scale):
         n, r, t, m, dq = q.shape
         dv = v.shape[-1]
-        rows = _flat_index(index)
-        qf, kf, vf = q.reshape(n * r, t, m, dq), k.reshape(n * r, t, m, dq), v.reshape(n * r, t, m, dv)
+        rows, qf, kf, vf = _region_tables(q, k, v, index)
         out = q.new_empty(n * r, m, t, dv)
         lse = torch.empty(n * r, m, t, dtype=_softmax_dtype(q), device=q.device)
         for start, stop in _blocks(n * r, index.shape[-1], t, m, dq + dv):
@@ -196,8 +201,7 @@ class _RoutedAttention(torch.autograd.Function):
         n, r, t, m, dq = q.shape
         dv = v.shape[-1]
         topk = index.shape[-1]
-        rows = _flat_index(index)
-        qf, kf, vf = q.reshape(n * r, t, m, dq), k.reshape(n * r, t, m, dq), v.reshape(n * r, t, m, dv)
+        rows, qf, kf, vf = _region_tables(q, k, v, index)
         gf = grad_out.reshape(n * r, t, m, dv)
         grad_q = torch.empty(n * r, t, m, dq, dtype=q.dtype, device=q.device)
         grad_k = torch.zeros(n * r, t, m, dq, dtype=k.dtype, device=k.device)

@@ -237,10 +237,6 @@ class BiFormer(HierarchicalBackbone):
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 
-def _stage_of(match: re.Match) -> str:
-    return f'stages.{match.group(1)}.downsample.'
-
-
 # official key -> visionattn key, applied in order (both layouts)
 _BLOCK_RULES = (
     (r'^stages\.(\d+)\.(\d+)\.', r'stages.\1.blocks.\2.'),
