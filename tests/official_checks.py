@@ -19,6 +19,20 @@ def meta_model(model_name: str, **kwargs):
     return timm.create_model(model_name, device='meta', **kwargs)
 
 
+def keep_first_blocks(model, n: int = 2):
+    """Cut every hierarchical ``Stage`` of ``model`` to its first ``n`` blocks, in place (models without such stages,
+    CNNs and plain ViTs, stay whole); returns ``model``.
+
+    The first two blocks of a stage hold each kind the stage alternates (Swin's plain / shifted windows,
+    DiNAT's dilations, Twins' local / global and the position generator after block 0), so tracing, exporting
+    and compiling see the same code paths at a fraction of the graph size.
+    """
+    from visionattn.models._builder import Stage
+    for stage in [m for m in model.modules() if isinstance(m, Stage)]:
+        stage.blocks = stage.blocks[:n]
+    return model
+
+
 def assert_param_count(model_name: str, family: str, variant: str, timm_layout: bool = False):
     expected = load_layout(family, variant, timm_layout)['params']
     got = num_params(meta_model(model_name))

@@ -35,7 +35,7 @@ from timm.models._features_fx import register_notrace_function, register_notrace
 
 from .conv_pos_enc import DepthwiseConvNHWC
 from .fused_linear import fused_linear
-from .padding import crop_to, exporting, pad_to_multiple
+from .padding import crop_to, exporting
 from .window_attention import window_partition, window_reverse
 
 __all__ = [
@@ -99,8 +99,11 @@ def _regions_per_block(total: int, topk: int, tokens: int, heads: int, head_chan
 
 
 def _blocks(total: int, topk: int, tokens: int, heads: int, head_channels: int) -> List[Tuple[int, int]]:
-    """(start, stop) of the blocks of query regions; one block while exporting (sizes are symbolic then)."""
-    step = total if exporting() else _regions_per_block(total, topk, tokens, heads, head_channels)
+    """(start, stop) of the blocks of query regions; one block while exporting (sizes are symbolic then: a Python
+    range over them would fix the traced batch)."""
+    if exporting():
+        return [(0, total)]
+    step = _regions_per_block(total, topk, tokens, heads, head_channels)
     return [(start, min(start + step, total)) for start in range(0, total, step)]
 
 
@@ -280,6 +283,23 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
 
 
 @register_notrace_module  # FX leaf: padding, regions and blocks sized by the input
+def _split_regions(x: torch.Tensor, s: int) -> Tuple[torch.Tensor, int, int]:
+    """NHWC ``(n, h, w, C)`` zero-padded bottom/right to ``s * rh x s * rw`` -> ``(n * s^2, rh * rw, C)`` tokens of
+    the ``s x s`` regions (raster order), and ``rh``, ``rw``. Sizes are written as products of ``rh = ceil(h / s)``,
+    so a dynamic-shape trace keeps short expressions (a generic window partition of the padded map costs sympy
+    seconds per layer)."""
+    n, h, w, c = x.shape
+    rh, rw = (h + s - 1) // s, (w + s - 1) // s
+    if exporting() or rh * s > h or rw * s > w:
+        x = F.pad(x, [0, 0, 0, rw * s - w, 0, rh * s - h])
+    return x.reshape(n, s, rh, s, rw, c).transpose(2, 3).reshape(n * s * s, rh * rw, c), rh, rw
+
+
+def _merge_regions(x: torch.Tensor, s: int, n: int, rh: int, rw: int) -> torch.Tensor:
+    """Inverse of :func:`_split_regions` without the crop: ``(n * s^2, rh * rw, C)`` -> ``(n, s * rh, s * rw, C)``."""
+    return x.reshape(n, s, s, rh, rw, x.shape[-1]).transpose(2, 3).reshape(n, s * rh, s * rw, x.shape[-1])
+
+
 class BiLevelRoutingAttention(nn.Module):
     """BRA on a normed NHWC map ``[N, H, W, C]`` -> ``[N, H, W, C]``.
 
@@ -336,15 +356,13 @@ class BiLevelRoutingAttention(nn.Module):
         if not self.auto_pad and (h % s or w % s):
             raise ValueError(f'input: a {h}x{w} map is not divisible into n_win={s} regions per side; '
                              'use auto_pad=True (pads as the official auto_pad) or a multiple of n_win')
-        x = pad_to_multiple(x, s, channels_last=True)
-        hp, wp = x.shape[1], x.shape[2]
-        region = (hp // s, wp // s)
-        qkv = F.linear(window_partition(x, region), self.qkv.weight, self.qkv.bias)  # (n * s^2, T, 2cq + C)
+        x, rh, rw = _split_regions(x, s)
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)  # (n * s^2, T, 2cq + C)
         cq = self.qk_dim
-        means = qkv.view(n, s * s, region[0] * region[1], qkv.shape[-1])[..., :2 * cq].mean(2)
+        means = qkv.view(n, s * s, rh * rw, qkv.shape[-1])[..., :2 * cq].mean(2)
         index = route_regions(means[..., :cq], means[..., cq:], self.topk, self.scale)
-        out = window_reverse(self._attend(qkv, index), region, (0, 0), n, hp, wp)
-        v = window_reverse(qkv[..., 2 * cq:], region, (0, 0), n, hp, wp)
+        out = _merge_regions(self._attend(qkv, index), s, n, rh, rw)
+        v = _merge_regions(qkv[..., 2 * cq:], s, n, rh, rw)
         out = fused_linear(out + self.lepe(v), self.proj.weight, self.proj.bias)
         return crop_to(out, h, w)
 
