@@ -36,7 +36,6 @@ from timm.models._features_fx import register_notrace_function, register_notrace
 from .conv_pos_enc import DepthwiseConvNHWC
 from .fused_linear import fused_linear
 from .padding import crop_to, exporting
-from .window_attention import window_partition, window_reverse
 
 __all__ = [
     'BiLevelRoutingAttention', 'GlobalAttentionLePE', 'routed_attention', 'route_regions', 'bra_backend',
@@ -282,24 +281,25 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
 # modules
 
 
-@register_notrace_module  # FX leaf: padding, regions and blocks sized by the input
-def _split_regions(x: torch.Tensor, s: int) -> Tuple[torch.Tensor, int, int]:
-    """NHWC ``(n, h, w, C)`` zero-padded bottom/right to ``s * rh x s * rw`` -> ``(n * s^2, rh * rw, C)`` tokens of
-    the ``s x s`` regions (raster order), and ``rh``, ``rw``. Sizes are written as products of ``rh = ceil(h / s)``,
-    so a dynamic-shape trace keeps short expressions (a generic window partition of the padded map costs sympy
-    seconds per layer)."""
+def _split_regions(x: torch.Tensor, grid: Tuple[int, int], region: Tuple[int, int]) -> torch.Tensor:
+    """NHWC ``(n, h, w, C)`` zero-padded bottom/right to ``grid * region`` -> ``(n * gh * gw, rh * rw, C)`` tokens of
+    the ``gh x gw`` regions of ``rh x rw`` tokens (raster order). The caller gives both factors, so a dynamic-shape
+    trace keeps short size expressions (a generic window partition of the padded map costs sympy seconds per
+    layer)."""
     n, h, w, c = x.shape
-    rh, rw = (h + s - 1) // s, (w + s - 1) // s
-    if exporting() or rh * s > h or rw * s > w:
-        x = F.pad(x, [0, 0, 0, rw * s - w, 0, rh * s - h])
-    return x.reshape(n, s, rh, s, rw, c).transpose(2, 3).reshape(n * s * s, rh * rw, c), rh, rw
+    (gh, gw), (rh, rw) = grid, region
+    if exporting() or gh * rh > h or gw * rw > w:
+        x = F.pad(x, [0, 0, 0, gw * rw - w, 0, gh * rh - h])
+    return x.reshape(n, gh, rh, gw, rw, c).transpose(2, 3).reshape(n * gh * gw, rh * rw, c)
 
 
-def _merge_regions(x: torch.Tensor, s: int, n: int, rh: int, rw: int) -> torch.Tensor:
-    """Inverse of :func:`_split_regions` without the crop: ``(n * s^2, rh * rw, C)`` -> ``(n, s * rh, s * rw, C)``."""
-    return x.reshape(n, s, s, rh, rw, x.shape[-1]).transpose(2, 3).reshape(n, s * rh, s * rw, x.shape[-1])
+def _merge_regions(x: torch.Tensor, n: int, grid: Tuple[int, int], region: Tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`_split_regions` without the crop: ``(n * gh * gw, rh * rw, C)`` -> ``(n, gh * rh, gw * rw, C)``."""
+    (gh, gw), (rh, rw) = grid, region
+    return x.reshape(n, gh, gw, rh, rw, x.shape[-1]).transpose(2, 3).reshape(n, gh * rh, gw * rw, x.shape[-1])
 
 
+@register_notrace_module  # FX leaf: padding, regions and blocks sized by the input
 class BiLevelRoutingAttention(nn.Module):
     """BRA on a normed NHWC map ``[N, H, W, C]`` -> ``[N, H, W, C]``.
 
@@ -356,13 +356,13 @@ class BiLevelRoutingAttention(nn.Module):
         if not self.auto_pad and (h % s or w % s):
             raise ValueError(f'input: a {h}x{w} map is not divisible into n_win={s} regions per side; '
                              'use auto_pad=True (pads as the official auto_pad) or a multiple of n_win')
-        x, rh, rw = _split_regions(x, s)
-        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)  # (n * s^2, T, 2cq + C)
+        grid, region = (s, s), ((h + s - 1) // s, (w + s - 1) // s)  # pads as the official auto_pad
+        qkv = F.linear(_split_regions(x, grid, region), self.qkv.weight, self.qkv.bias)  # (n * s^2, T, 2cq + C)
         cq = self.qk_dim
-        means = qkv.view(n, s * s, rh * rw, qkv.shape[-1])[..., :2 * cq].mean(2)
+        means = qkv.view(n, s * s, region[0] * region[1], qkv.shape[-1])[..., :2 * cq].mean(2)
         index = route_regions(means[..., :cq], means[..., cq:], self.topk, self.scale)
-        out = _merge_regions(self._attend(qkv, index), s, n, rh, rw)
-        v = _merge_regions(qkv[..., 2 * cq:], s, n, rh, rw)
+        out = _merge_regions(self._attend(qkv, index), n, grid, region)
+        v = _merge_regions(qkv[..., 2 * cq:], n, grid, region)
         out = fused_linear(out + self.lepe(v), self.proj.weight, self.proj.bias)
         return crop_to(out, h, w)
 
@@ -372,16 +372,17 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f'input: a {h}x{w} map is smaller than n_win={s} tokens per side, the least '
                              "mode='nchw' regions of (H // n_win, W // n_win) tokens need")
         rh, rw = h // s, w // s
+        grid = ((h + rh - 1) // rh, (w + rw - 1) // rw)  # ceil mode: more than n_win regions where rh does not divide h
         qkv = fused_linear(x, self.qkv.weight, self.qkv.bias)  # (n, h, w, 3C)
         c = self.dim
-        regions = window_partition(qkv, (rh, rw))  # zero-padded after the projection: (n * R, T, 3C)
+        regions = _split_regions(qkv, grid, (rh, rw))  # zero-padded after the projection: (n * R, T, 3C)
         # region means over the real tokens (official avg_pool2d(ceil_mode=True, count_include_pad=False))
-        rows = (h - torch.arange(0, h, rh, device=x.device)).clamp(max=rh)
-        cols = (w - torch.arange(0, w, rw, device=x.device)).clamp(max=rw)
+        rows = (h - torch.arange(grid[0], device=x.device) * rh).clamp(max=rh)
+        cols = (w - torch.arange(grid[1], device=x.device) * rw).clamp(max=rw)
         counts = (rows[:, None] * cols[None, :]).reshape(-1, 1).to(qkv.dtype)
-        means = regions[..., :2 * c].sum(1).view(n, counts.shape[0], 2 * c) / counts
+        means = regions[..., :2 * c].sum(1).view(n, grid[0] * grid[1], 2 * c) / counts
         index = route_regions(means[..., :c], means[..., c:], self.topk)
-        out = window_reverse(self._attend(regions, index), (rh, rw), (0, 0), n, h, w)
+        out = crop_to(_merge_regions(self._attend(regions, index), n, grid, (rh, rw)), h, w)
         out = out + self.lepe(qkv[..., 2 * c:])
         return fused_linear(out, self.proj.weight, self.proj.bias)
 
