@@ -19,17 +19,21 @@ def meta_model(model_name: str, **kwargs):
     return timm.create_model(model_name, device='meta', **kwargs)
 
 
-def keep_first_blocks(model, n: int = 2):
-    """Cut every hierarchical ``Stage`` of ``model`` to its first ``n`` blocks, in place (models without such stages,
-    CNNs and plain ViTs, stay whole); returns ``model``.
+def keep_block_kinds(model):
+    """Cut every hierarchical ``Stage`` of ``model``, in place, to the first block of each distinct configuration
+    (by ``repr``: Swin's plain / shifted windows, DiNAT's dilations, Twins' local / global attention), in order;
+    models without such stages (CNNs, plain ViTs) stay whole. Returns ``model``.
 
-    The first two blocks of a stage hold each kind the stage alternates (Swin's plain / shifted windows,
-    DiNAT's dilations, Twins' local / global and the position generator after block 0), so tracing, exporting
-    and compiling see the same code paths at a fraction of the graph size.
+    Tracing, exporting and compiling then see every code path of the stage at a fraction of the graph size.
     """
     from visionattn.models._builder import Stage
     for stage in [m for m in model.modules() if isinstance(m, Stage)]:
-        stage.blocks = stage.blocks[:n]
+        kinds, kept = set(), []
+        for block in stage.blocks:
+            if repr(block) not in kinds:
+                kinds.add(repr(block))
+                kept.append(block)
+        stage.blocks = type(stage.blocks)(kept)
     return model
 
 

@@ -16,7 +16,7 @@ import visionattn
 from visionattn.deploy import architecture, check_onnx, export_onnx, export_program, smallest_per_architecture
 from visionattn.layers import BiLevelRoutingAttention
 from visionattn.models._swin import SwinStem
-from official_checks import keep_first_blocks
+from official_checks import keep_block_kinds
 
 pytest.importorskip('onnxruntime', reason='onnx / onnxruntime come from the test extra (tools/setup.sh installs it)')
 
@@ -59,8 +59,8 @@ def test_architectures_cover_every_family():
 @pytest.mark.parametrize('name', EXPORT_MODELS)
 def test_export_classifier_matches_eager(name, tmp_path):
     """torch.export (program == eager <= 1e-5, eager untouched afterwards), then ONNX in onnxruntime <= 1e-4.
-    Transformer stages keep their first two blocks (every block kind; the export time grows with the graph)."""
-    model = keep_first_blocks(_model(name))
+    Transformer stages keep one block of each kind (the export time grows with the graph)."""
+    model = keep_block_kinds(_model(name))
     x = torch.randn(1, 3, *_size(name))
     with torch.no_grad():
         before = model(x)
@@ -78,12 +78,12 @@ def test_export_classifier_matches_eager(name, tmp_path):
 @pytest.mark.parametrize('name', HIERARCHICAL)
 def test_onnx_dynamic_features(name, tmp_path):
     """``--dynamic --features``: batch, height and width symbolic; every stage <= 1e-4 at a non-square size.
-    (Without the exporter's optimiser, which the classifier test runs, and on the first two blocks of each
+    (Without the exporter's optimiser, which the classifier test runs, and with one block of each kind per
     transformer stage.)"""
     # models whose learned encodings fix the input size (FLatten) resample them per input when built dynamic
     dynamic = dict(dynamic_img_size=True) if timm.get_pretrained_cfg_value(name, 'fixed_input_size') else {}
     model = _model(name, features_only=True, **dynamic)
-    keep_first_blocks(model)
+    keep_block_kinds(model)
     # a Swin host clamps windows to maps smaller than them (its last stage at 224): a graph holds for the sizes
     # whose maps are all above or all at the window, so it is traced and checked above (README, Deploy)
     traced, other = ((256, 320), (288, 352)) if isinstance(getattr(model, 'stem', None), SwinStem) else (
