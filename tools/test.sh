@@ -6,5 +6,5 @@ bash tools/setup.sh
 bash tools/setup_det.sh   # mmcv (cached wheel; built once), mmengine, mmdet for tests/test_det.py
 # OpenMP threads that spin while waiting starve each other on a loaded 2-core machine.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-# two workers (pytest-xdist): 686 tests in about 10 min on 2 idle cores (measured 2026-12-03)
+# two workers (pytest-xdist): 1750 tests in about 18 min on 2 idle cores (fresh-clone CI, 2026-12-07)
 exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" "$@"
