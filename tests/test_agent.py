@@ -533,34 +533,47 @@ def test_deit_pos_embed_of_another_training_size_is_resized_as_officially():
     torch.testing.assert_close(out['pos_embed'][:, 1:], want, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize('prefix', [0, 1])
-def test_training_path_equals_inference_path_and_gradients_are_exact(prefix):
-    """With autograd the attention is written out (matmul, biased softmax, matmul; diversity added in place), without
-    it it runs through SDPA: the two agree in float64, and the written-out gradients (incl. the biases') pass
-    gradcheck against finite differences."""
+@pytest.mark.parametrize('autograd_path', ['function', 'written_out'])
+@pytest.mark.parametrize('prefix,separate_q_kv', [(0, False), (1, False), (0, True)], ids=['qkv', 'cls', 'q_kv'])
+def test_training_path_equals_inference_path_and_gradients_are_exact(prefix, separate_q_kv, autograd_path,
+                                                                     monkeypatch):
+    """Under autograd the layer runs :class:`_AgentAttentionTrain` (hand-written backward), or with attention dropout
+    / autocast the written-out ops; without autograd it runs through SDPA. All agree in float64 (at a non-square map
+    with another agent grid), and both autograd paths pass gradcheck against finite differences for the input and
+    every parameter (biases, qkv, dwc)."""
+    from visionattn.layers import agent_attention as agent_module
     from visionattn.layers.agent_attention import AgentBranch
+    if autograd_path == 'written_out':
+        monkeypatch.setattr(agent_module, '_use_train_path', lambda x, attn_drop: False)
     torch.manual_seed(0)
-    m = AgentAttention(8, 2, (4, 3), agent_num=4, agent_shape=(2, 3), num_prefix_tokens=prefix).to(F64)
+    m = AgentAttention(8, 2, (4, 3), agent_num=4, agent_shape=(2, 3), num_prefix_tokens=prefix,
+                       separate_q_kv=separate_q_kv).to(F64)
     branch = AgentBranch(8, 2, (4, 3), agent_num=4).to(F64)
     for p in list(m.parameters()) + list(branch.parameters()):
         p.data.normal_(0, 0.5)
-    x = torch.randn(2, prefix + 12, 8, dtype=F64)
+    H, W = 5, 3
+    x = torch.randn(2, prefix + H * W, 8, dtype=F64, requires_grad=True)
+    q, k, v = (torch.randn(2, H * W, 8, dtype=F64, requires_grad=True) for _ in range(3))
     with torch.no_grad():
-        fused = m(x, 4, 3)
-    torch.testing.assert_close(m(x, 4, 3), fused, rtol=0, atol=1e-12)
-    q, k, v = (torch.randn(2, 12, 8, dtype=F64) for _ in range(3))
-    with torch.no_grad():
-        fused = branch(q, k, v, 4, 3)
-    torch.testing.assert_close(branch(q, k, v, 4, 3), fused, rtol=0, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x: m(x, 4, 3), (x.clone().requires_grad_(),))
-    params = (m.an_bias, m.na_bias, m.ah_bias, m.wa_bias) + ((m.ac_bias, m.ca_bias) if prefix else ())
-    grads = torch.autograd.grad(m(x, 4, 3).square().sum(), params)
-    for p, g in zip(params, grads):  # one finite difference per bias tensor, along its gradient
-        direction = g / g.norm()
-        with torch.no_grad():
-            p.add_(direction, alpha=1e-6)
-            up = m(x, 4, 3).square().sum()
-            p.sub_(direction, alpha=2e-6)
-            down = m(x, 4, 3).square().sum()
-            p.add_(direction, alpha=1e-6)
-        torch.testing.assert_close((up - down) / 2e-6, g.norm(), rtol=1e-5, atol=1e-8)
+        fused, fused_branch = m(x, H, W), branch(q, k, v, H, W)
+    out, out_branch = m(x, H, W), branch(q, k, v, H, W)
+    want_fn = 'AgentAttentionTrainBackward' if autograd_path == 'function' else 'SoftmaxBackward'
+    assert _autograd_reaches(out_branch.grad_fn, want_fn) and _autograd_reaches(out.grad_fn, want_fn)
+    torch.testing.assert_close(out, fused, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out_branch, fused_branch, rtol=0, atol=1e-12)
+
+    def with_params(module, names):
+        return lambda *inputs: torch.func.functional_call(
+            module, dict(zip(names, inputs[-len(names):])), (*inputs[:-len(names)], H, W))
+
+    for module, inputs in ((m, (x,)), (branch, (q, k, v))):
+        names = [n for n, _ in module.named_parameters()]
+        params = tuple(p.detach().clone().requires_grad_() for _, p in module.named_parameters())
+        assert torch.autograd.gradcheck(with_params(module, names), (*inputs, *params))
+
+
+def _autograd_reaches(fn, name: str, depth: int = 12) -> bool:
+    """Whether a node whose class name contains ``name`` is within ``depth`` steps of ``fn`` in the graph."""
+    if fn is None or depth < 0:
+        return False
+    return name in type(fn).__name__ or any(_autograd_reaches(f, name, depth - 1) for f, _ in fn.next_functions)
