@@ -50,12 +50,11 @@ def _resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
 
 
 def _resize_agents(bias: torch.Tensor, pool: int, agent_shape: Tuple[int, int]) -> torch.Tensor:
-    """``(h, pool * pool, T)`` -> ``(h, ah * aw, T)``: bilinear resize along the agent grid."""
+    """``(h, T, pool * pool)`` -> ``(h, T, ah * aw)``: bilinear resize along the agent grid (the last axis)."""
     if pool == agent_shape[0] and pool == agent_shape[1] and not exporting():
         return bias
-    h, _, T = bias.shape
-    grid = bias.reshape(h, pool, pool, T).permute(0, 3, 1, 2)
-    return _resize(grid, agent_shape).permute(0, 2, 3, 1).reshape(h, agent_shape[0] * agent_shape[1], T)
+    h, T, _ = bias.shape
+    return _resize(bias.reshape(h, T, pool, pool), agent_shape).reshape(h, T, agent_shape[0] * agent_shape[1])
 
 
 @register_notrace_function  # resizes depend on the (symbolic) map size
@@ -72,27 +71,29 @@ def agent_position_biases(
         ca_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The K-side ``(1, h, A, P + N)`` and Q-side ``(1, h, P + N, A)`` biases for an ``H x W = grid`` map and an
-    ``agent_shape`` grid, from the official parameters (shapes in :class:`AgentAttention`).
+    ``agent_shape`` grid, from the official parameters (shapes in :class:`AgentAttention`); both contiguous.
 
     Row / column biases are resized one-dimensionally: bilinear interpolation is separable with weights that
-    sum to one per axis, so this equals the official resize of their broadcast sum.
+    sum to one per axis, so this equals the official resize of their broadcast sum. The K side is built
+    agent-major ``(h, n, H, W)``, the Q side token-major ``(h, H, W, n)`` (the layout of ``ha_bias`` /
+    ``wa_bias``, and of the logits it is added to).
     """
     h, n = an_bias.shape[0], an_bias.shape[1]
     pool = int(math.sqrt(n) + 0.5)  # n is a perfect square (checked at construction)
     H, W = grid
     # K side: (h, n, H, W) = block + rows + columns
-    k_bias = _resize(an_bias, (H, W)) + _resize(ah_bias[0], (H, 1)) + _resize(aw_bias[0], (1, W))
+    k_bias = (_resize(ah_bias[0], (H, 1)) + _resize(aw_bias[0], (1, W))).add_(_resize(an_bias, (H, W)))
     k_bias = k_bias.reshape(h, n, H * W)
-    # Q side, agent-major as well: na_bias as is, rows / columns (1, h, H, 1, n) -> (h, n, H, 1)
-    q_bias = (_resize(na_bias, (H, W)) + _resize(ha_bias[0].permute(0, 3, 1, 2), (H, 1))
-              + _resize(wa_bias[0].permute(0, 3, 1, 2), (1, W)))
-    q_bias = q_bias.reshape(h, n, H * W)
+    # Q side: (h, H, W, n) = rows (h, H, 1, n) + columns (h, 1, W, n) + the block bias moved to the last axis
+    rows = _resize(ha_bias[0].permute(0, 3, 1, 2), (H, 1)).permute(0, 2, 3, 1)
+    cols = _resize(wa_bias[0].permute(0, 3, 1, 2), (1, W)).permute(0, 2, 3, 1)
+    q_bias = (rows + cols).add_(_resize(na_bias, (H, W)).permute(0, 2, 3, 1)).reshape(h, H * W, n)
     if ac_bias is not None and ca_bias is not None:
         k_bias = torch.cat([ac_bias.reshape(h, n, 1), k_bias], dim=-1)
-        q_bias = torch.cat([ca_bias.reshape(h, n, 1), q_bias], dim=-1)
-    k_bias = _resize_agents(k_bias, pool, agent_shape)
+        q_bias = torch.cat([ca_bias.reshape(h, 1, n), q_bias], dim=1)
+    k_bias = _resize_agents(k_bias.transpose(1, 2), pool, agent_shape).transpose(1, 2)
     q_bias = _resize_agents(q_bias, pool, agent_shape)
-    return k_bias.unsqueeze(0), q_bias.transpose(1, 2).unsqueeze(0)
+    return k_bias.unsqueeze(0), q_bias.unsqueeze(0)
 
 
 def _pool_matrix(size: int, out: int, x: torch.Tensor) -> torch.Tensor:
