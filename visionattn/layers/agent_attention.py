@@ -110,14 +110,20 @@ def _pool_matrix(size: int, out: int, x: torch.Tensor) -> torch.Tensor:
 def adaptive_avg_pool_tokens(x: torch.Tensor, output_size: Tuple[int, int]) -> torch.Tensor:
     """``AdaptiveAvgPool2d(output_size)`` of an NHWC map ``(B, H, W, C)`` -> ``(B, oh * ow, C)`` (row-major cells).
 
-    Two averaging matmuls (rows, then columns) that read a contiguous map without copies: equal to the pooling
-    up to rounding, and in an exported graph the bins stay functions of the (symbolic) map size, where the
-    pooling op specialises on the traced size.
+    Averaging matmuls: equal to the pooling up to rounding, and in an exported graph the bins stay functions of
+    the (symbolic) map size, where the pooling op specialises on the traced size. A map whose rows are
+    contiguous is pooled by two matmuls (rows, then columns); a strided one (the ``q`` columns of a fused
+    ``qkv`` output) by one matmul with the ``(oh * ow, H * W)`` product of the two bin matrices, which reads the
+    strided tokens in place where the two-step form would first copy them.
     """
     B, H, W, C = x.shape
     oh, ow = output_size
-    rows = torch.matmul(_pool_matrix(H, oh, x), x.reshape(B, H, W * C))                       # (B, oh, W * C)
-    return torch.matmul(_pool_matrix(W, ow, x), rows.reshape(B * oh, W, C)).reshape(B, oh * ow, C)
+    row_bins, col_bins = _pool_matrix(H, oh, x), _pool_matrix(W, ow, x)
+    if x.stride(3) == 1 and x.stride(2) == C and x.stride(1) == W * C:
+        rows = torch.matmul(row_bins, x.reshape(B, H, W * C))                                 # (B, oh, W * C)
+        return torch.matmul(col_bins, rows.reshape(B * oh, W, C)).reshape(B, oh * ow, C)
+    cells = (row_bins[:, None, :, None] * col_bins[None, :, None, :]).reshape(oh * ow, H * W)
+    return torch.matmul(cells, x.reshape(B, H * W, C))
 
 
 def agent_attention(
@@ -381,18 +387,13 @@ class AgentAttention(_AgentBiases):
             out = _agent_attention_train(parts, self.num_heads, (H, W), self.agent_shape, P, k_bias, q_bias,
                                          self.dwc.weight, self.dwc.bias)
             return self.proj_drop(self.proj(out))
-        # agents = pooled patch queries = the q projection of the pooled patch tokens (the bins average with
-        # weights summing to one, so pooling and the affine projection commute): pools the contiguous input
-        pooled = adaptive_avg_pool_tokens((x[:, P:] if P else x).reshape(B, H, W, C), self.agent_shape)
         if self.qkv is not None:
             q, k, v = self.qkv(x).reshape(B, L, 3, C).unbind(2)
-            qkv_bias = self.qkv.bias
-            agents = F.linear(pooled, self.qkv.weight[:C], qkv_bias[:C] if qkv_bias is not None else None)
         else:
             assert self.q is not None and self.kv is not None
             q = self.q(x)
             k, v = self.kv(x).reshape(B, L, 2, C).unbind(2)
-            agents = self.q(pooled)
+        agents = adaptive_avg_pool_tokens((q[:, P:] if P else q).reshape(B, H, W, C), self.agent_shape)
         out = agent_attention(q, k, v, agents, self.num_heads, k_bias, q_bias, attn_drop)
         v_img = (v[:, P:] if P else v).reshape(B, H, W, C).permute(0, 3, 1, 2)   # channels-last view
         diversity = self.dwc(v_img).permute(0, 2, 3, 1).reshape(B, H * W, C)
