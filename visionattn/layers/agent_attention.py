@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
+from ._na_backends import table_cache
 from .padding import exporting
 
 __all__ = ['adaptive_avg_pool_tokens', 'agent_position_biases', 'agent_attention', 'AgentAttention', 'AgentBranch', 'resize_agent_bias']
@@ -96,15 +97,28 @@ def agent_position_biases(
     return k_bias.unsqueeze(0), q_bias.unsqueeze(0)
 
 
-def _pool_matrix(size: int, out: int, x: torch.Tensor) -> torch.Tensor:
-    """``(out, size)`` averaging weights of ``AdaptiveAvgPool`` along one axis: row ``i`` averages the inputs
-    ``[floor(i * size / out), ceil((i + 1) * size / out))`` (uneven, overlapping bins where ``size % out``)."""
-    i = torch.arange(out, device=x.device)
+def _build_pool_matrix(size: int, out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """See :func:`_pool_matrix`."""
+    i = torch.arange(out, device=device)
     start = torch.div(i * size, out, rounding_mode='floor')
     end = torch.div((i + 1) * size + out - 1, out, rounding_mode='floor')
-    y = torch.arange(size, device=x.device)
+    y = torch.arange(size, device=device)
     inside = (y.unsqueeze(0) >= start.unsqueeze(1)) & (y.unsqueeze(0) < end.unsqueeze(1))
-    return inside.to(x.dtype) / (end - start).unsqueeze(1).to(x.dtype)
+    return inside.to(dtype) / (end - start).unsqueeze(1).to(dtype)
+
+
+_cached_pool_matrix = table_cache(64)(_build_pool_matrix)
+
+
+def _pool_matrix(size: int, out: int, x: torch.Tensor) -> torch.Tensor:
+    """``(out, size)`` averaging weights of ``AdaptiveAvgPool`` along one axis, in ``x``'s dtype and device: row
+    ``i`` averages the inputs ``[floor(i * size / out), ceil((i + 1) * size / out))`` (uneven, overlapping bins
+    where ``size % out``). Cached per size and device (built in the graph while exporting)."""
+    if torch.jit.is_scripting():
+        return _build_pool_matrix(size, out, x.dtype, x.device)
+    if exporting():  # symbolic sizes cannot key a cache; the ops are traced instead
+        return _build_pool_matrix(size, out, x.dtype, x.device)
+    return _cached_pool_matrix(size, out, x.dtype, x.device)
 
 
 def adaptive_avg_pool_tokens(x: torch.Tensor, output_size: Tuple[int, int]) -> torch.Tensor:
