@@ -20,6 +20,7 @@ counted as 3 forward passes) against a 2048² fp32 matmul timed in the same run 
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -203,8 +204,9 @@ def main(argv=None):
             parser.error(f'--models {pattern!r}: no registered model matches')
         names += [m for m in matched if m not in names]
     mode = 'train step' if args.train else 'inference'
-    print(f'{mode}, batch {args.batch}, {args.img}x{args.img}, fp32, {torch.get_num_threads()} threads, '
-          f'median of {args.rounds} interleaved rounds')
+    # with OMP_WAIT_POLICY=PASSIVE every parallel op pays a thread wake-up: models of many small ops slow down
+    print(f'{mode}, batch {args.batch}, {args.img}x{args.img}, fp32, {torch.get_num_threads()} threads '
+          f'(OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "unset")}), median of {args.rounds} interleaved rounds')
     print(f'{"model":36s} {"ours img/s":>11s} {"peak %":>7s} {"reference":>32s} {"ref img/s":>10s} {"ratio":>6s}'
           + (f' {"official img/s":>15s} {"vs official":>11s}' if args.official else ''))
     peak = matmul_peak_gflops()
