@@ -14,7 +14,7 @@ learned absolute position encoding, the official computation (post-2024-05 norma
 Steps 1-3 run in float32 (autocast off), so bf16/fp16 inputs neither overflow the cube nor lose the
 normaliser; the result is returned in the input dtype.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -106,20 +106,30 @@ def _linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """Steps 1-3 in float32 (float64 inputs stay float64): ``(B, N, C)`` q/k/v -> ``(B, N, C)``.
 
     ``(k / sqrt(n))^T (v / sqrt(n))`` is computed as ``(k^T v) / n``: equal up to rounding, and in float32 the
-    official pre-scaling (which keeps half precision from overflowing) is not needed.
+    official pre-scaling (which keeps half precision from overflowing) is not needed. The tokens stay in their
+    ``(B, N, C)`` layout: each head's products read its ``d`` channels as a strided ``(B, N, d)`` view (a valid
+    batched-matmul operand), and the heads' outputs are concatenated once, so no head-major copy of q / k / v is
+    made in either direction (they were a fifth of a FLatten-Swin-T layer's training step).
     """
     B, N, C = q.shape
     n = k.shape[1]
+    d = C // num_heads
     dt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # float64 stays float64
     s = F.softplus(scale.to(dt))
-    q = _focus(q.to(dt), s, focusing_factor).reshape(B, N, num_heads, C // num_heads).transpose(1, 2)
-    k = _focus(k.to(dt), s, focusing_factor).reshape(B, n, num_heads, C // num_heads).transpose(1, 2)
-    v = v.to(dt).reshape(B, n, num_heads, C // num_heads).transpose(1, 2)
-    z = (q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1)).add_(1e-6).reciprocal_()    # (B, h, N, 1)
-    kv = (k.transpose(-2, -1) @ v).mul_(1. / n)                                          # (B, h, d, d)
-    out = q @ kv
-    out = out * z if torch.is_grad_enabled() else out.mul_(z)
-    return out.transpose(1, 2).reshape(B, N, C)
+    q = _focus(q.to(dt), s, focusing_factor)
+    k = _focus(k.to(dt), s, focusing_factor)
+    k_mean = k.mean(dim=1).unflatten(-1, (num_heads, d, 1)).unbind(1)                     # h x (B, d, 1)
+    qs = q.unflatten(-1, (num_heads, d)).unbind(2)                                         # h x (B, N, d)
+    ks = k.unflatten(-1, (num_heads, d)).unbind(2)
+    vs = v.to(dt).unflatten(-1, (num_heads, d)).unbind(2)
+    grad = torch.is_grad_enabled()
+    outs: List[torch.Tensor] = []
+    for i in range(num_heads):
+        z = torch.matmul(qs[i], k_mean[i]).add_(1e-6).reciprocal_()                      # (B, N, 1)
+        kv = torch.matmul(ks[i].transpose(1, 2), vs[i]).mul_(1. / n)                     # (B, d, d)
+        out = torch.matmul(qs[i], kv)
+        outs.append(out * z if grad else out.mul_(z))
+    return outs[0] if num_heads == 1 else torch.cat(outs, dim=-1)
 
 
 @torch.jit.ignore
@@ -156,13 +166,13 @@ def focused_linear_attention(
         out = _linear_attention(q, k, v, scale, num_heads, focusing_factor)
     else:
         out = _linear_attention_autocast_off(q, k, v, scale, num_heads, focusing_factor)
-    d = C // num_heads
-    # v (B, N, h, d) -> (B * h, d, H, W); dwc -> (B, h * d, N) -> (B, N, C)
-    # channels-last views in and out of the conv (oneDNN's depthwise backward is far slower on NCHW-contiguous)
-    v_img = v.reshape(B, N, num_heads, d).transpose(1, 2).reshape(B * num_heads, H, W, d).permute(0, 3, 1, 2)
-    rank = F.conv2d(v_img, dwc_weight, dwc_bias, padding=dwc_weight.shape[-1] // 2, groups=d)
-    rank = rank.permute(0, 2, 3, 1).reshape(B, num_heads, N, d).transpose(1, 2).reshape(B, N, C)
-    return out.to(q.dtype) + rank
+    # the conv shared by the heads as one depthwise conv over all C channels (its d-channel weight repeated per
+    # head) on the contiguous channels-last (B, C, H, W) view of v: tokens stay in place, and oneDNN's depthwise
+    # conv and its backward take about twice as long on strided or NCHW-contiguous input
+    v_img = v.reshape(B, H, W, C).contiguous().permute(0, 3, 1, 2)
+    bias = None if dwc_bias is None else dwc_bias.repeat(num_heads)
+    rank = F.conv2d(v_img, dwc_weight.repeat(num_heads, 1, 1, 1), bias, padding=dwc_weight.shape[-1] // 2, groups=C)
+    return out.to(q.dtype) + rank.permute(0, 2, 3, 1).reshape(B, N, C)
 
 
 @register_notrace_module  # FX leaf: encodings resampled and autocast checked on the (symbolic) input
