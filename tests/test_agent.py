@@ -340,6 +340,34 @@ def test_cls_biases_are_column_and_row_zero():
     torch.testing.assert_close(q1[:, :, 1:], q0, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('h,n,train_grid,grid,agent_shape,prefix', [
+    (2, 4, (7, 7), (7, 7), (2, 2), 0),      # nothing resized but the 7x7 block
+    (2, 9, (14, 14), (14, 14), (3, 3), 1),  # DeiT at its training size
+    (3, 4, (4, 3), (5, 3), (2, 3), 1),      # rows resized, another agent grid
+    (2, 9, (6, 5), (9, 4), (4, 2), 0),      # rows and columns resized, another agent grid
+], ids=['7x7', 'deit', 'rows_agents', 'rows_cols_agents'])
+def test_bias_backward_equals_autograd(h, n, train_grid, grid, agent_shape, prefix):
+    """The hand-written gradients of the bias parameters (used by the training path) equal autograd's through
+    :func:`agent_position_biases` for random output gradients, float64, every resize combination."""
+    from visionattn.layers.agent_attention import agent_position_biases_backward
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64).requires_grad_()  # noqa: E731
+    (gh, gw), (H, W) = train_grid, grid
+    params = [r(h, n, 7, 7), r(h, n, 7, 7), r(1, h, n, gh, 1), r(1, h, n, 1, gw), r(1, h, gh, 1, n), r(1, h, 1, gw, n)]
+    cls = [r(1, h, n, 1), r(1, h, 1, n)] if prefix else [None, None]
+    k_bias, q_bias = agent_position_biases(*params, grid, agent_shape, *cls)
+    k_grad = torch.randn(k_bias.shape, generator=g, dtype=F64)
+    q_grad = torch.randn(q_bias.shape, generator=g, dtype=F64)
+    inputs = params + [c for c in cls if c is not None]
+    want = torch.autograd.grad((k_bias * k_grad).sum() + (q_bias * q_grad).sum(), inputs)
+    got = agent_position_biases_backward(k_grad[0], q_grad[0], n, prefix, train_grid, grid, agent_shape)
+    assert (got[6] is None) == (got[7] is None) == (not prefix)
+    got = [t for t in got if t is not None]
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_dwc_is_not_applied_to_the_class_token():
     """With an identity ``proj``: switching the dwc on changes the patch tokens by exactly ``dwc(v)`` and leaves
     the class token unchanged; the module equals the official Agent-DeiT attention (float64)."""

@@ -39,7 +39,8 @@ from timm.models._features_fx import register_notrace_function, register_notrace
 from ._na_backends import table_cache
 from .padding import exporting
 
-__all__ = ['adaptive_avg_pool_tokens', 'agent_position_biases', 'agent_attention', 'AgentAttention', 'AgentBranch', 'resize_agent_bias']
+__all__ = ['adaptive_avg_pool_tokens', 'agent_position_biases', 'agent_position_biases_backward', 'agent_attention',
+           'AgentAttention', 'AgentBranch', 'resize_agent_bias']
 
 
 def _resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -95,6 +96,54 @@ def agent_position_biases(
     k_bias = _resize_agents(k_bias.transpose(1, 2), pool, agent_shape).transpose(1, 2)
     q_bias = _resize_agents(q_bias, pool, agent_shape)
     return k_bias.unsqueeze(0), q_bias.unsqueeze(0)
+
+
+def _resize_backward(grad: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Adjoint of :func:`_resize` to a 4-D tensor whose last two dims were ``size``: ``grad`` of the resized tensor ->
+    ``grad`` of its input (the kernel autograd runs for ``F.interpolate``'s backward)."""
+    if grad.shape[-2] == size[0] and grad.shape[-1] == size[1]:
+        return grad
+    return torch.ops.aten.upsample_bilinear2d_backward(
+        grad.contiguous(), [grad.shape[-2], grad.shape[-1]], [grad.shape[0], grad.shape[1], size[0], size[1]], False)
+
+
+def agent_position_biases_backward(
+        k_grad: torch.Tensor,
+        q_grad: torch.Tensor,
+        agent_num: int,
+        num_prefix: int,
+        train_grid: Tuple[int, int],
+        grid: Tuple[int, int],
+        agent_shape: Tuple[int, int],
+) -> List[Optional[torch.Tensor]]:
+    """Gradients of the bias parameters of :func:`agent_position_biases` (``agent_num`` agents, training map
+    ``train_grid``, ``num_prefix`` class tokens) from those of its K-side ``(h, A, P + N)`` and Q-side
+    ``(h, P + N, A)`` outputs (summed over the batch), in its argument order: ``an_bias``, ``na_bias``,
+    ``ah_bias``, ``aw_bias``, ``ha_bias``, ``wa_bias``, ``ac_bias``, ``ca_bias`` (the last two ``None`` without a
+    class token). Each resize contributes its adjoint, each broadcast a sum along the broadcast axis."""
+    h, n, P = k_grad.shape[0], agent_num, num_prefix
+    pool = int(math.sqrt(n) + 0.5)
+    (H, W), (gh, gw), (ah, aw) = grid, train_grid, agent_shape
+    T = k_grad.shape[-1]
+
+    def agents_backward(g: torch.Tensor) -> torch.Tensor:  # (h, T, ah * aw) -> (h, T, n)
+        return _resize_backward(g.reshape(h, T, ah, aw), (pool, pool)).reshape(h, T, n)
+
+    # K side: (h, n, P + N); the patch part is (h, n, H, W) = block + rows (h, n, H, 1) + columns (h, n, 1, W)
+    k_grad = agents_backward(k_grad.transpose(1, 2)).transpose(1, 2)
+    k_map = k_grad[:, :, P:].reshape(h, n, H, W)
+    an = _resize_backward(k_map, (7, 7))
+    ah_grad = _resize_backward(k_map.sum(3, keepdim=True), (gh, 1)).unsqueeze(0)
+    aw_grad = _resize_backward(k_map.sum(2, keepdim=True), (1, gw)).unsqueeze(0)
+    # Q side: (h, P + N, n); the patch part is (h, H, W, n) = block + rows (h, H, 1, n) + columns (h, 1, W, n)
+    q_grad = agents_backward(q_grad)
+    q_map = q_grad[:, P:].reshape(h, H, W, n)
+    na = _resize_backward(q_map.permute(0, 3, 1, 2), (7, 7))
+    ha_grad = _resize_backward(q_map.sum(2, keepdim=True).permute(0, 3, 1, 2), (gh, 1)).permute(0, 2, 3, 1)
+    wa_grad = _resize_backward(q_map.sum(1, keepdim=True).permute(0, 3, 1, 2), (1, gw)).permute(0, 2, 3, 1)
+    ac_grad = k_grad[:, :, :P].reshape(1, h, n, 1) if P else None
+    ca_grad = q_grad[:, :P].reshape(1, h, 1, n) if P else None
+    return [an, na, ah_grad, aw_grad, ha_grad.unsqueeze(0), wa_grad.unsqueeze(0), ac_grad, ca_grad]
 
 
 def _build_pool_matrix(size: int, out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -185,7 +234,7 @@ def _pool_tokens_backward(grad: torch.Tensor, size: Tuple[int, int], output_size
 
 
 class _AgentAttentionTrain(torch.autograd.Function):
-    """Steps 1-4 under autograd with a hand-written backward: ``(parts, biases, dwc) -> (B, P + N, C)``.
+    """Steps 1-4 under autograd with a hand-written backward: ``(dwc, bias parameters, parts) -> (B, P + N, C)``.
 
     ``parts`` are ``(B, L, k * C)`` tensors whose channels in order are ``[q | k | v]`` (the fused ``qkv``
     output, or ``q`` and ``kv``, or ``q``, ``k`` and ``v``). They are copied once into a head-major
@@ -193,12 +242,16 @@ class _AgentAttentionTrain(torch.autograd.Function):
     part's layout with one copy. Autograd through the written-out ops instead copies the strided head views
     at each product and its backward, and zero-fills the full-size buffers behind every slice (a DeiT-S layer,
     forward + backward at batch 8: 46 -> 39 ms on 2 threads). The agents are pooled from the head-major
-    queries, and the depthwise conv reads a contiguous channels-last copy of the values.
+    queries, and the depthwise conv reads a contiguous channels-last copy of the values. The position biases are
+    built from their parameters inside (:func:`agent_position_biases`) and get their gradients from
+    :func:`agent_position_biases_backward`, without an autograd graph of a dozen small nodes.
     """
 
     @staticmethod
-    def forward(ctx, k_bias, q_bias, conv_weight, conv_bias, num_heads: int, grid: Tuple[int, int],
-                agent_shape: Tuple[int, int], num_prefix: int, *parts):
+    def forward(ctx, conv_weight, conv_bias, num_heads: int, grid: Tuple[int, int], agent_shape: Tuple[int, int],
+                num_prefix: int, an_bias, na_bias, ah_bias, aw_bias, ha_bias, wa_bias, ac_bias, ca_bias, *parts):
+        k_bias, q_bias = agent_position_biases(an_bias, na_bias, ah_bias, aw_bias, ha_bias, wa_bias, grid,
+                                               agent_shape, ac_bias, ca_bias)
         B, L = parts[0].shape[:2]
         C = sum(p.shape[-1] for p in parts) // 3
         h, d = num_heads, C // num_heads
@@ -224,14 +277,16 @@ class _AgentAttentionTrain(torch.autograd.Function):
         diversity = F.conv2d(v_img, conv_weight, conv_bias, padding=pad, groups=C)
         out[:, P:].add_(diversity.permute(0, 2, 3, 1).reshape(B, H * W, C))
         ctx.save_for_backward(qkv, agents, agent_attn, agent_v, q_attn, v_img, conv_weight)
-        ctx.meta = (h, grid, agent_shape, P, [p.shape[-1] // C for p in parts], conv_bias is not None)
+        train_grid = (ah_bias.shape[-2], aw_bias.shape[-1])  # the map the row / column biases were trained at
+        ctx.meta = (h, grid, train_grid, agent_shape, P, an_bias.shape[1], [p.shape[-1] // C for p in parts],
+                    conv_bias is not None)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         qkv, agents, agent_attn, agent_v, q_attn, v_img, conv_weight = ctx.saved_tensors
-        h, (H, W), agent_shape, P, widths, has_conv_bias = ctx.meta
+        h, (H, W), train_grid, agent_shape, P, agent_num, widths, has_conv_bias = ctx.meta
         _, B, _, L, d = qkv.shape
         C = h * d
         q, k, v = qkv.unbind(0)
@@ -256,15 +311,16 @@ class _AgentAttentionTrain(torch.autograd.Function):
         g_img = grad_out[:, P:].reshape(B, H, W, C).permute(0, 3, 1, 2)
         d_img, d_weight, d_bias = torch.ops.aten.convolution_backward(
             g_img, v_img, conv_weight, [C] if has_conv_bias else None, [1, 1], [pad, pad], [1, 1], False, [0, 0], C,
-            [True, ctx.needs_input_grad[2], has_conv_bias and ctx.needs_input_grad[3]])
+            [True, ctx.needs_input_grad[0], has_conv_bias and ctx.needs_input_grad[1]])
         dqkv = [t.transpose(1, 2) for t in (dq, dk, dv)]                                      # (B, L, h, d) views
         grads, i = [], 0
         for n in widths:
             grads.append(torch.stack(dqkv[i:i + n], dim=2).reshape(B, L, n * C))
             i += n
         grads[-1][:, P:, -C:].add_(d_img.permute(0, 2, 3, 1).reshape(B, H * W, C))
-        return (d_k_logits.sum(0, keepdim=True), d_q_logits.sum(0, keepdim=True), d_weight,
-                d_bias if has_conv_bias else None, None, None, None, None, *grads)
+        bias_grads = agent_position_biases_backward(d_k_logits.sum(0), d_q_logits.sum(0), agent_num, P, train_grid,
+                                                    (H, W), agent_shape)
+        return (d_weight, d_bias if has_conv_bias else None, None, None, None, None, *bias_grads, *grads)
 
 
 def _use_train_path(x: torch.Tensor, attn_drop: float) -> bool:
@@ -277,11 +333,11 @@ def _use_train_path(x: torch.Tensor, attn_drop: float) -> bool:
 
 
 @torch.jit.unused
-def _agent_attention_train(parts: List[torch.Tensor], num_heads: int, grid: Tuple[int, int],
-                           agent_shape: Tuple[int, int], num_prefix: int, k_bias: torch.Tensor, q_bias: torch.Tensor,
+def _agent_attention_train(parts: List[torch.Tensor], biases: List[Optional[torch.Tensor]], num_heads: int,
+                           grid: Tuple[int, int], agent_shape: Tuple[int, int], num_prefix: int,
                            conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return _AgentAttentionTrain.apply(k_bias, q_bias, conv_weight, conv_bias, num_heads, grid, agent_shape,
-                                      num_prefix, *parts)
+    return _AgentAttentionTrain.apply(conv_weight, conv_bias, num_heads, grid, agent_shape, num_prefix, *biases,
+                                      *parts)
 
 
 def resize_agent_bias(name: str, value: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
@@ -337,6 +393,11 @@ class _AgentBiases(nn.Module):
         """Hook of the checkpoint filters: row / column biases of another training map resized to this one."""
         want = getattr(self, name, None)
         return resize_agent_bias(name, value, tuple(want.shape)) if isinstance(want, torch.Tensor) else value
+
+    def bias_parameters(self) -> List[Optional[torch.Tensor]]:
+        """The bias parameters in :func:`agent_position_biases`' order (``ac_bias`` / ``ca_bias`` may be None)."""
+        return [self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias, self.ac_bias,
+                self.ca_bias]
 
     def biases(self, H: int, W: int) -> Tuple[torch.Tensor, torch.Tensor]:
         return agent_position_biases(
@@ -394,13 +455,13 @@ class AgentAttention(_AgentBiases):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, L, C = x.shape
         P = self.num_prefix_tokens
-        k_bias, q_bias = self.biases(H, W)
         attn_drop = self.attn_drop if self.training else 0.
         if _use_train_path(x, attn_drop):
             parts = [self.qkv(x)] if self.qkv is not None else [self.q(x), self.kv(x)]
-            out = _agent_attention_train(parts, self.num_heads, (H, W), self.agent_shape, P, k_bias, q_bias,
+            out = _agent_attention_train(parts, self.bias_parameters(), self.num_heads, (H, W), self.agent_shape, P,
                                          self.dwc.weight, self.dwc.bias)
             return self.proj_drop(self.proj(out))
+        k_bias, q_bias = self.biases(H, W)
         if self.qkv is not None:
             q, k, v = self.qkv(x).reshape(B, L, 3, C).unbind(2)
         else:
@@ -445,11 +506,11 @@ class AgentBranch(_AgentBiases):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, N, C = q.shape
-        k_bias, q_bias = self.biases(H, W)
         attn_drop = self.attn_drop if self.training else 0.
         if _use_train_path(q, attn_drop):
-            return _agent_attention_train([q, k, v], self.num_heads, (H, W), self.agent_shape, 0, k_bias, q_bias,
-                                          self.get_v.weight, self.get_v.bias)
+            return _agent_attention_train([q, k, v], self.bias_parameters(), self.num_heads, (H, W), self.agent_shape,
+                                          0, self.get_v.weight, self.get_v.bias)
+        k_bias, q_bias = self.biases(H, W)
         agents = adaptive_avg_pool_tokens(q.reshape(B, H, W, C), self.agent_shape)
         out = agent_attention(q, k, v, agents, self.num_heads, k_bias, q_bias, attn_drop)
         lepe = self.get_v(v.reshape(B, H, W, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, N, C)
