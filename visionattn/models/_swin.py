@@ -137,8 +137,9 @@ class SwinBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def extra_repr(self) -> str:
-        window = 'global' if self.is_global else self.window_size
-        return f'window={window}, shifted={self.shifted}, own_attention={self.own_attention}'
+        if self.is_global:  # attends to the whole map: a shift would not change the result (none is applied)
+            return f'window=global, own_attention={self.own_attention}'
+        return f'window={self.window_size}, shifted={self.shifted}, own_attention={self.own_attention}'
 
     def window_and_shift(self, H: int, W: int) -> Tuple[int, int, int, int]:
         """``(wh, ww, sh, sw)``: window and shift of this block on an ``H x W`` map."""
