@@ -26,6 +26,7 @@ import contextlib
 import csv
 import difflib
 import functools
+import gc
 import logging
 import math
 import os
@@ -686,8 +687,13 @@ def main(argv=None):
     setup_default_logging()
     try:
         args, ckpt, resume_file = parse_args(argv)
-        Trainer(args, ckpt, resume_file).run()
+        trainer = Trainer(args, ckpt, resume_file)
+        trainer.run()
         if dist.is_initialized():
+            # DDP's reducer (kept by reference cycles of the model's hooks) and its pending gloo work go while the
+            # group and the interpreter are alive, not in the interpreter's finalisation after the group is gone
+            del trainer
+            gc.collect()
             dist.barrier()  # rank 0 may still be writing files; tear the gloo/NCCL group down together
     except UserInputError as e:
         _logger.error(error_message(e))
