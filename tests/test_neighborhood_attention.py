@@ -14,7 +14,8 @@ import visionattn.layers.neighborhood_attention as na_mod
 from visionattn.layers import _na_backends
 from visionattn.layers._na_backends import na2d_flex
 from visionattn.layers.neighborhood_attention import (
-    ENV_VAR, NeighborhoodAttention2d, effective_dilation, na_backend, neighborhood_attention_2d)
+    ENV_VAR, NeighborhoodAttention2d, effective_dilation, na_backend, neighborhood_attention_2d,
+    neighborhood_attention_2d_qkv)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,6 +153,71 @@ def test_torch_backend_training_path_on_small_maps(H, W, kernel, dilation):
                         (q, k, v, rpb), grad_out) for name in ("torch", "gather"))
     assert all(torch.isfinite(t).all() for t in got)
     _assert_grads_close(got, want, 1e-12)
+
+
+# groups longer than 14 are tiled (4-row tiles, 7- or 8-column tiles), some with padding query slots (25, 30,
+# 17, 22); dilation groups; per-axis kernels; the small-input policy (3 rows, k = 3, d = 4 -> 1)
+QKV_CASES = [(25, 30, 7, 1), (28, 16, 7, 1), (40, 33, 5, 2), (17, 22, (5, 3), (1, 2)), (3, 20, 3, (4, 1))]
+
+
+@pytest.mark.parametrize("with_rpb", [True, False])
+@pytest.mark.parametrize("H,W,kernel,dilation", QKV_CASES)
+def test_fused_qkv_training_path_equals_reference(H, W, kernel, dilation, with_rpb):
+    """The CPU training path from the fused qkv (hand-written backward, one qkv gradient): output and the
+    gradients of qkv and rpb equal the dense reference in float64, and the path is the one taken."""
+    q, k, v, rpb = (t.double() for t in _inputs(H, W, kernel, seed=1))
+    rpb = rpb if with_rpb else None
+    kernel, dilation = _pair(kernel), _pair(dilation)
+    dil = tuple(effective_dilation(n, kk, d) for n, kk, d in zip((H, W), kernel, dilation))
+    grad_out = torch.randn_like(q)
+    qkv = torch.stack([q, k, v], 3).requires_grad_()
+    leaves = [qkv] + ([rpb.clone().requires_grad_()] if with_rpb else [])
+    out = neighborhood_attention_2d_qkv(qkv, kernel, dilation, leaves[1] if with_rpb else None)
+    assert type(out.grad_fn).__name__ == "_TorchTrainNABackward"
+    got = [out] + list(torch.autograd.grad(out, leaves, grad_out))
+    want = _grads(lambda *a: reference(*torch.stack(a[:3], 3).unbind(3), kernel, dil, *a[3:]),
+                  [q, k, v] + ([rpb] if with_rpb else []), grad_out)
+    want = [want[0], torch.stack(want[1:4], 3)] + want[4:]
+    _assert_grads_close(got, want, 1e-12)
+
+
+def test_fused_qkv_path_only_where_the_torch_backend_trains_on_cpu():
+    """Without autograd, with another backend, or under autocast, the fused entry point is the plain one."""
+    q, k, v, rpb = _inputs(9, 16, 3)
+    qkv = torch.stack([q, k, v], 3)
+    with torch.no_grad():
+        want = neighborhood_attention_2d(q, k, v, 3, 1, rpb)
+        assert torch.equal(neighborhood_attention_2d_qkv(qkv, 3, 1, rpb), want)
+    out = neighborhood_attention_2d_qkv(qkv.requires_grad_(), 3, 1, rpb, backend="gather")
+    assert type(out.grad_fn).__name__ != "_TorchTrainNABackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = neighborhood_attention_2d_qkv(qkv, 3, 1, rpb)
+    assert type(out.grad_fn).__name__ != "_TorchTrainNABackward"
+    with pytest.raises(ValueError, match=r"qkv must be \[B, H, W, 3, heads, head_dim\]"):
+        neighborhood_attention_2d_qkv(q, 3, 1, rpb)
+    with pytest.raises(ValueError, match="rpb must be"):
+        neighborhood_attention_2d_qkv(qkv, 3, 1, rpb[:, :2])
+
+
+def test_module_trains_through_the_fused_path(monkeypatch):
+    """NeighborhoodAttention2d in training on CPU: the fused path, with the gradients of the gather backend."""
+    fused = []
+    monkeypatch.setattr(na_mod, "na2d_torch_train",
+                        lambda *a, _fn=na_mod.na2d_torch_train: fused.append(a[0].shape) or _fn(*a))
+    torch.manual_seed(0)
+    m = NeighborhoodAttention2d(16, 2, 5, dilation=(1, 2)).double()
+    with torch.no_grad():
+        m.rpb.normal_()
+    x = torch.randn(2, 17, 19, 16, dtype=torch.double)
+    grads = []
+    for backend in ("torch", "gather"):
+        with na_backend(backend):
+            m.zero_grad()
+            out = m(x)
+            out.square().sum().backward()
+        grads.append([out.detach()] + [p.grad.clone() for p in m.parameters()])
+    assert fused == [(2, 17, 19, 3, 2, 8)]  # the torch call only
+    _assert_grads_close(grads[0], grads[1], 1e-12)
 
 
 @pytest.mark.parametrize("dilation", [1, 2])

@@ -10,4 +10,5 @@ from .polyline_attention import PolylinePathAttention, PolylineRoPE
 from .focused_linear_attention import FocusedLinearAttention, FocusedLinearBranch
 from .cswin_attention import CSwinAttention
 from .agent_attention import AgentAttention, AgentBranch
+from .neighborhood_attention import NeighborhoodAttention2d, na_backend, neighborhood_attention_2d
 from .bilevel_routing_attention import BiLevelRoutingAttention, GlobalAttentionLePE, bra_backend, routed_attention

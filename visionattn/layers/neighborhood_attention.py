@@ -34,10 +34,11 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._na_backends import na2d_flex, na2d_gather, na2d_natten, na2d_torch
+from ._na_backends import na2d_flex, na2d_gather, na2d_natten, na2d_torch, na2d_torch_train
+from .padding import exporting
 
-__all__ = ["neighborhood_attention_2d", "NeighborhoodAttention2d", "na_backend", "BACKENDS",
-           "ENV_VAR", "effective_dilation"]
+__all__ = ["neighborhood_attention_2d", "neighborhood_attention_2d_qkv", "NeighborhoodAttention2d",
+           "na_backend", "BACKENDS", "ENV_VAR", "effective_dilation"]
 
 BACKENDS = ("torch", "flex", "natten", "triton", "gather")
 ENV_VAR = "VISIONATTN_NA_BACKEND"
@@ -165,6 +166,34 @@ def neighborhood_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _resolve(backend, q, rpb, padded)(q, k, v, kernel, dil, rpb, scale)
 
 
+def neighborhood_attention_2d_qkv(qkv: torch.Tensor, kernel_size: IntPair, dilation: IntPair = 1,
+                                  rpb: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                                  backend: Optional[str] = None) -> torch.Tensor:
+    """:func:`neighborhood_attention_2d` of a fused ``qkv`` ``[B, H, W, 3, heads, head_dim]`` (q, k, v along
+    dim 3: the ``qkv`` linear's output); returns ``[B, H, W, heads, head_dim]``.
+
+    When the ``torch`` backend runs on CPU under autograd (float32 / float64, no autocast), this trains through
+    ``na2d_torch_train``: the same tiled attention, whose backward returns the ``qkv`` gradient as one tensor
+    instead of three that autograd then stacks. Otherwise it is ``neighborhood_attention_2d(*qkv.unbind(3), ...)``.
+    """
+    if qkv.dim() != 6 or qkv.shape[3] != 3:
+        raise ValueError(f"qkv must be [B, H, W, 3, heads, head_dim], got {tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(3)
+    size = tuple(qkv.shape[1:3])
+    if (torch.is_grad_enabled() and qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.float64)
+            and all(isinstance(n, int) for n in size) and not exporting()
+            and not torch.is_autocast_enabled("cpu")):
+        kernel, dil = _pair(kernel_size, "kernel_size"), _pair(dilation, "dilation")
+        dil = tuple(effective_dilation(n, kk, d) for n, kk, d in zip(size, kernel, dil))
+        padded = size[0] < kernel[0] or size[1] < kernel[1]
+        if _resolve(backend, q, rpb, padded) is na2d_torch:
+            if rpb is not None and tuple(rpb.shape) != (q.shape[3], 2 * kernel[0] - 1, 2 * kernel[1] - 1):
+                return neighborhood_attention_2d(q, k, v, kernel, dilation, rpb, scale, backend)  # raises
+            scale = q.shape[-1] ** -0.5 if scale is None else scale
+            return na2d_torch_train(qkv, kernel, dil, rpb, scale)
+    return neighborhood_attention_2d(q, k, v, kernel_size, dilation, rpb, scale, backend)
+
+
 class NeighborhoodAttention2d(nn.Module):
     """NAT / DiNAT neighbourhood attention on channels-last input ``[B, H, W, C]``.
 
@@ -203,12 +232,12 @@ class NeighborhoodAttention2d(nn.Module):
             raise NotImplementedError("attention dropout is not supported by the "
                                       "neighbourhood-attention backends; use attn_drop=0")
         B, H, W, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
+        qkv = self.qkv(x).reshape(B, H, W, 3, self.num_heads, self.head_dim)
         if torch.jit.is_scripting():
+            q, k, v = qkv.unbind(3)
             x = na2d_gather(q, k, v, self.kernel_size, self.dilation, self.rpb, self.scale)
         else:
-            x = neighborhood_attention_2d(q, k, v, self.kernel_size, self.dilation, self.rpb,
-                                          self.scale)
+            x = neighborhood_attention_2d_qkv(qkv, self.kernel_size, self.dilation, self.rpb, self.scale)
         return self.proj_drop(self.proj(x.reshape(B, H, W, C)))
 
     def extra_repr(self) -> str:
