@@ -865,9 +865,11 @@ FAMILY_CARD = dict(
         'unless created with `dynamic_img_size=True` (bias table cropped, or resized bicubically for maps larger '
         'than 14). ViT-rpb runs `scaled_dot_product_attention` with the bias as an additive mask; its '
         '`relative_position_index` buffers are rebuilt, not loaded.',
-        'GMACs in this card count the matmuls the `torch` backend executes: on long axes each 8x8 query tile '
-        'attends to its (8+k-1)^2 key halo with a -inf mask, and short axes run as one masked tile, so NA layers '
-        'count more than the official NA MACs (nat_tiny 4.90 here vs 4.30 official; ViT-rpb matches exactly, 4.57).',
+        'GMACs in this card count the matmuls the `torch` backend executes at inference: on long axes each query '
+        'tile (7 or 8 tokens per axis, whichever pads the axis least) attends to its (T+k-1)^2 key halo with a '
+        '-inf mask, and short axes run as one masked tile, so NA layers count more than the official NA MACs '
+        '(nat_tiny 4.83 here vs 4.30 official; ViT-rpb matches exactly, 4.57). CPU training uses tiles of 4 rows '
+        'by 7 or 8 columns (smaller halos) and a hand-written backward from the fused qkv.',
         'RPB tables of a different window (same heads) are resized bicubically on load, as the official '
         '`dinat_large_21k_11x11` weights were produced; every other shape mismatch raises.',
         '`visionattn_dinat_s_large*` use heads 6/12/24/48 (the measured official layout at commit d334f5b); '
