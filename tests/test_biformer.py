@@ -252,12 +252,8 @@ def _operator_inputs(n=2, r=6, t=5, m=2, dq=4, dv=6, topk=3, seed=0):
     return (q.unflatten(-1, (m, dq)), k.unflatten(-1, (m, dq)), v.unflatten(-1, (m, dv))), index
 
 
-@pytest.mark.parametrize('block_elements', [1, 1 << 22])
-def test_routed_attention_equals_explicit_gather(monkeypatch, block_elements):
-    """One query region per block and one block for all give the naive result, forward and backward."""
-    monkeypatch.setattr(bra, 'BLOCK_ELEMENTS', block_elements)
-    monkeypatch.setattr(bra, 'DENSE_MAX_WASTE', 0)  # the blocked path
-    (q, k, v), index = _operator_inputs()
+def _assert_equals_explicit_gather(q, k, v, index):
+    """routed_attention's output and q / k / v gradients equal the naive gather's (float64 inputs)."""
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out = bra.routed_attention(*leaves, index, 0.7)
     want_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
@@ -268,6 +264,16 @@ def test_routed_attention_equals_explicit_gather(monkeypatch, block_elements):
     want.backward(grad)
     for got, exp in zip(leaves, want_leaves):
         torch.testing.assert_close(got.grad, exp.grad, rtol=1e-10, atol=1e-12)
+    return want
+
+
+@pytest.mark.parametrize('block_elements', [1, 1 << 22])
+def test_routed_attention_equals_explicit_gather(monkeypatch, block_elements):
+    """One query region per block and one block for all give the naive result, forward and backward."""
+    monkeypatch.setattr(bra, 'BLOCK_ELEMENTS', block_elements)
+    monkeypatch.setattr(bra, 'DENSE_MAX_WASTE', 0)  # the blocked path
+    (q, k, v), index = _operator_inputs()
+    want = _assert_equals_explicit_gather(q, k, v, index)
     with torch.no_grad():
         torch.testing.assert_close(bra.routed_attention(q, k, v, index, 0.7), want.detach(), rtol=1e-12, atol=1e-12)
 
@@ -280,16 +286,7 @@ def test_dense_routed_attention_equals_explicit_gather(monkeypatch, dv):
     monkeypatch.setattr(bra, '_dense_routed_attention',
                         lambda *a, _fn=bra._dense_routed_attention: dense.append(a[3].shape) or _fn(*a))
     (q, k, v), index = _operator_inputs(r=16, t=4, dv=dv, topk=4)
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = bra.routed_attention(*leaves, index, 0.7)
-    want_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    want = naive_routed_attention(*want_leaves, index, 0.7)
-    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(want)
-    out.backward(grad)
-    want.backward(grad)
-    for got, exp in zip(leaves, want_leaves):
-        torch.testing.assert_close(got.grad, exp.grad, rtol=1e-10, atol=1e-12)
+    _assert_equals_explicit_gather(q, k, v, index)
     assert dense == [(2, 16, 4)]
     (q, k, v), index = _operator_inputs(r=17, t=4, topk=4)  # 17 regions > 4 x topk
     bra.routed_attention(q, k, v, index, 0.7)
