@@ -135,6 +135,12 @@ def effective_dilation(size: int, kernel: int, dilation: int) -> int:
     return dilation if kernel * dilation <= size else max(1, size // kernel)
 
 
+def _check_rpb(rpb: Optional[torch.Tensor], heads: int, kernel: Tuple[int, int]) -> None:
+    if rpb is not None and tuple(rpb.shape) != (heads, 2 * kernel[0] - 1, 2 * kernel[1] - 1):
+        raise ValueError(f"rpb must be [heads, 2kh-1, 2kw-1] = {[heads, 2 * kernel[0] - 1, 2 * kernel[1] - 1]}, "
+                         f"got {list(rpb.shape)}")
+
+
 def neighborhood_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               kernel_size: IntPair, dilation: IntPair = 1,
                               rpb: Optional[torch.Tensor] = None, scale: Optional[float] = None,
@@ -153,10 +159,7 @@ def neighborhood_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError("q, k, v must all be [B, H, W, heads, head_dim], got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     kernel, dilation = _pair(kernel_size, "kernel_size"), _pair(dilation, "dilation")
-    if rpb is not None and tuple(rpb.shape) != (q.shape[3], 2 * kernel[0] - 1, 2 * kernel[1] - 1):
-        raise ValueError(f"rpb must be [heads, 2kh-1, 2kw-1] = "
-                         f"{[q.shape[3], 2 * kernel[0] - 1, 2 * kernel[1] - 1]}, "
-                         f"got {list(rpb.shape)}")
+    _check_rpb(rpb, q.shape[3], kernel)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     size = tuple(q.shape[1:3])
     if not all(isinstance(n, int) for n in size):  # traced with a symbolic size: tables in the graph
@@ -187,8 +190,7 @@ def neighborhood_attention_2d_qkv(qkv: torch.Tensor, kernel_size: IntPair, dilat
         dil = tuple(effective_dilation(n, kk, d) for n, kk, d in zip(size, kernel, dil))
         padded = size[0] < kernel[0] or size[1] < kernel[1]
         if _resolve(backend, q, rpb, padded) is na2d_torch:
-            if rpb is not None and tuple(rpb.shape) != (q.shape[3], 2 * kernel[0] - 1, 2 * kernel[1] - 1):
-                return neighborhood_attention_2d(q, k, v, kernel, dilation, rpb, scale, backend)  # raises
+            _check_rpb(rpb, q.shape[3], kernel)
             scale = q.shape[-1] ** -0.5 if scale is None else scale
             return na2d_torch_train(qkv, kernel, dil, rpb, scale)
     return neighborhood_attention_2d(q, k, v, kernel_size, dilation, rpb, scale, backend)
