@@ -159,6 +159,17 @@ def _masked_attention(q, k, v, bias, scale: float):
     return torch.matmul(logits.softmax(-1), v)
 
 
+def _bias_table(rpb: Optional[torch.Tensor], like: torch.Tensor, kernel: Pair, outside: float) -> torch.Tensor:
+    """``[heads, (2kh-1)·(2kw-1) + 1]``: the flattened RPB (zeros without one) in ``like``'s dtype (``like`` is
+    ``[..., heads, D]``), plus a last column ``outside`` that the bias index gives keys outside a window."""
+    nh = like.shape[-2]
+    if rpb is None:
+        table = like.new_zeros(nh, (2 * kernel[0] - 1) * (2 * kernel[1] - 1))
+    else:
+        table = rpb.to(like.dtype).reshape(nh, -1)
+    return torch.cat([table, table.new_full((nh, 1), outside)], 1)
+
+
 def na2d_torch(q, k, v, kernel: Pair, dilation: Pair, rpb: Optional[torch.Tensor], scale: float):
     """Pure-PyTorch neighbourhood attention (any device, autograd for q, k, v and rpb).
 
@@ -174,13 +185,8 @@ def na2d_torch(q, k, v, kernel: Pair, dilation: Pair, rpb: Optional[torch.Tensor
         x = x.reshape(B, H * W, nh * D).index_select(1, idx).reshape(B, G, n, nh, D)
         return x.permute(0, 3, 1, 2, 4).reshape(B, nh * G, n, D)
 
-    if rpb is None:
-        table = q.new_zeros(nh, (2 * kernel[0] - 1) * (2 * kernel[1] - 1))
-    else:
-        table = rpb.to(q.dtype).reshape(nh, -1)
     explicit = q.device.type == "cpu" and torch.is_grad_enabled()
-    outside = torch.finfo(table.dtype).min if explicit else float("-inf")
-    table = torch.cat([table, table.new_full((nh, 1), outside)], 1)
+    table = _bias_table(rpb, q, kernel, torch.finfo(q.dtype).min if explicit else float("-inf"))
     bias = table.index_select(1, bias_idx.view(-1)).view(1, nh * G, LQ, LK)
     if q.is_cuda and bias.requires_grad:  # CUDA's SDPA kernels take no grad of a broadcast mask
         bias = bias.expand(B, -1, -1, -1).contiguous()
@@ -191,14 +197,6 @@ def na2d_torch(q, k, v, kernel: Pair, dilation: Pair, rpb: Optional[torch.Tensor
         out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=bias, scale=scale)
     out = out.reshape(B, nh, G * LQ, D).transpose(1, 2).index_select(1, out_idx)
     return out.reshape(B, H, W, nh, D)
-
-
-def _rpb_table(rpb: Optional[torch.Tensor], qkv: torch.Tensor, kernel: Pair) -> torch.Tensor:
-    """``[heads, (2kh-1)·(2kw-1)]`` bias table (zeros without an RPB)."""
-    nh = qkv.shape[-2]
-    if rpb is None:
-        return qkv.new_zeros(nh, (2 * kernel[0] - 1) * (2 * kernel[1] - 1))
-    return rpb.to(qkv.dtype).reshape(nh, -1)
 
 
 class _TorchTrainNA(torch.autograd.Function):
@@ -221,13 +219,12 @@ class _TorchTrainNA(torch.autograd.Function):
         q = tokens[:, :, 0].permute(0, 2, 1, 3).index_select(2, q_idx).mul_(scale)       # [B, nh, G·LQ, D]
         kv = tokens[:, :, 1:].permute(2, 0, 3, 1, 4).index_select(3, k_idx)              # [2, B, nh, G·LK, D]
         q, k, v = q.view(-1, LQ, D), kv[0].view(-1, LK, D), kv[1].view(-1, LK, D)
-        table = torch.cat([table, table.new_full((nh, 1), torch.finfo(table.dtype).min)], 1)
         logits = torch.bmm(q, k.transpose(1, 2))
         logits.view(B, nh * G, LQ, LK).add_(table.index_select(1, bias_idx.view(-1)).view(1, nh * G, LQ, LK))
         attn = torch.softmax(logits, -1)
         out = torch.bmm(attn, v).view(B, nh, G * LQ, D).transpose(1, 2).index_select(1, out_idx)
         ctx.save_for_backward(q, kv, attn, q_idx, k_idx, out_idx, bias_idx)
-        ctx.scale, ctx.num_rel = scale, table.shape[1] - 1
+        ctx.scale, ctx.table_width = scale, table.shape[1]
         return out.view(B, H, W, nh, D)
 
     @staticmethod
@@ -255,8 +252,7 @@ class _TorchTrainNA(torch.autograd.Function):
         d_table = None
         if ctx.needs_input_grad[1]:
             d_bias = d_logits.view(B, nh, G * LQ * LK).sum(0)
-            # keys outside a window point at the extra last column, whose gradient is dropped
-            d_table = d_bias.new_zeros(nh, ctx.num_rel + 1).index_add_(1, bias_idx.view(-1), d_bias)[:, :-1]
+            d_table = d_bias.new_zeros(nh, ctx.table_width).index_add_(1, bias_idx.view(-1), d_bias)
         return dqkv.view(B, H, W, 3, nh, D), d_table, None, None, None, None, None
 
 
@@ -267,7 +263,8 @@ def na2d_torch_train(qkv: torch.Tensor, kernel: Pair, dilation: Pair, rpb: Optio
     H, W = qkv.shape[1], qkv.shape[2]
     tile = _tiles((H, W), kernel, dilation, TRAINING_TILE_SIDES)
     q_idx, k_idx, out_idx, bias_idx = _torch_plan((H, W), kernel, dilation, tile, qkv.device)
-    return _TorchTrainNA.apply(qkv, _rpb_table(rpb, qkv, kernel), q_idx, k_idx, out_idx, bias_idx, scale)
+    table = _bias_table(rpb, qkv, kernel, torch.finfo(qkv.dtype).min)
+    return _TorchTrainNA.apply(qkv, table, q_idx, k_idx, out_idx, bias_idx, scale)
 
 
 # --------------------------------------------------------------------------------------------

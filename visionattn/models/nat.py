@@ -112,7 +112,7 @@ class ConvTokenizer(NormChannelsLast):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels-last input: oneDNN's convs (and their backward) run faster in it, and the NHWC view for
-        # the norm is then contiguous (stem forward + backward at batch 8: 24 -> 16 ms)
+        # the norm is then contiguous (stem forward + backward at batch 8, 224: 49-61 -> 22-24 ms)
         return self._norm_nchw(self.proj(x.contiguous(memory_format=torch.channels_last)))
 
 
