@@ -1,5 +1,5 @@
 """Attention and token-mixing layers shared by the visionattn families."""
-from .conv_pos_enc import ConvPosEnc
+from .conv_pos_enc import ConvPosEnc, DepthwiseConvNHWC, depthwise_conv2d
 from .padding import crop_to, pad_to_multiple
 from .window_attention import WindowAttention
 from .window_attention import SwinWindowAttention, shift_window_mask, window_partition, window_reverse

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
+from .conv_pos_enc import depthwise_conv2d
 from .padding import exporting
 
 __all__ = ['focused_linear_attention', 'resample_grid_tokens', 'FocusedLinearAttention', 'FocusedLinearBranch']
@@ -173,7 +174,7 @@ def focused_linear_attention(
     # conv and its backward take about twice as long on strided or NCHW-contiguous input
     v_img = v.reshape(B, H, W, C).contiguous().permute(0, 3, 1, 2)
     bias = None if dwc_bias is None else dwc_bias.repeat(num_heads)
-    rank = F.conv2d(v_img, dwc_weight.repeat(num_heads, 1, 1, 1), bias, padding=dwc_weight.shape[-1] // 2, groups=C)
+    rank = depthwise_conv2d(v_img, dwc_weight.repeat(num_heads, 1, 1, 1), bias)
     return out.to(q.dtype) + rank.permute(0, 2, 3, 1).reshape(B, N, C)
 
 
