@@ -368,16 +368,18 @@ class BiLevelRoutingAttention(nn.Module):
         return (f'dim={self.dim}, qk_dim={self.qk_dim}, num_heads={self.num_heads}, n_win={self.n_win}, '
                 f'topk={self.topk}, mode={self.mode!r}, auto_pad={self.auto_pad}')
 
-    def _attend(self, qkv: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Region table qkv (n * R, T, 2 qk_dim + C) and index (n, R, topk) -> (n * R, T, C)."""
+    def _attend(self, qkv: torch.Tensor, index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Region table qkv (n * R, T, 2 qk_dim + C) and index (n, R, topk) -> (attention (n * R, T, C), the table's
+        v view). The LePE takes that view, so the gradients of v meet before the split's backward, which then
+        writes the table's gradient once (a slice of qkv would add a zero-filled table-sized gradient)."""
         n, r, _ = index.shape
         nr, t, c3 = qkv.shape
         m, cq = self.num_heads, self.qk_dim
-        q, k, v = qkv.view(n, r, t, c3).split([cq, cq, self.dim], dim=-1)
+        q, k, v = qkv.split([cq, cq, self.dim], dim=-1)
         out = routed_attention(
-            q.unflatten(-1, (m, cq // m)), k.unflatten(-1, (m, cq // m)), v.unflatten(-1, (m, self.dim // m)),
-            index, self.scale)
-        return out.reshape(nr, t, self.dim)
+            q.unflatten(0, (n, r)).unflatten(-1, (m, cq // m)), k.unflatten(0, (n, r)).unflatten(-1, (m, cq // m)),
+            v.unflatten(0, (n, r)).unflatten(-1, (m, self.dim // m)), index, self.scale)
+        return out.reshape(nr, t, self.dim), v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, h, w, c = x.shape
@@ -395,9 +397,9 @@ class BiLevelRoutingAttention(nn.Module):
         cq = self.qk_dim
         means = qkv.view(n, s * s, region[0] * region[1], qkv.shape[-1])[..., :2 * cq].mean(2)
         index = route_regions(means[..., :cq], means[..., cq:], self.topk, self.scale)
-        out = _merge_regions(self._attend(qkv, index), n, grid, region)
-        v = _merge_regions(qkv[..., 2 * cq:], n, grid, region)
-        out = fused_linear(out + self.lepe(v), self.proj.weight, self.proj.bias)
+        out, v = self._attend(qkv, index)
+        out = _merge_regions(out, n, grid, region) + self.lepe(_merge_regions(v, n, grid, region))
+        out = fused_linear(out, self.proj.weight, self.proj.bias)
         return crop_to(out, h, w)
 
     def _forward_nchw(self, x: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
@@ -416,7 +418,7 @@ class BiLevelRoutingAttention(nn.Module):
         counts = (rows[:, None] * cols[None, :]).reshape(-1, 1).to(qkv.dtype)
         means = regions[..., :2 * c].sum(1).view(n, grid[0] * grid[1], 2 * c) / counts
         index = route_regions(means[..., :c], means[..., c:], self.topk)
-        out = crop_to(_merge_regions(self._attend(regions, index), n, grid, (rh, rw)), h, w)
+        out = crop_to(_merge_regions(self._attend(regions, index)[0], n, grid, (rh, rw)), h, w)
         out = out + self.lepe(qkv[..., 2 * c:])
         return fused_linear(out, self.proj.weight, self.proj.bias)
 
