@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import visionattn.layers.conv_pos_enc as dw
-from visionattn.layers import BiLevelRoutingAttention, FocusedLinearAttention, depthwise_conv2d
+from visionattn.layers import BiLevelRoutingAttention, DepthwiseConvNHWC, FocusedLinearAttention, depthwise_conv2d
 
 
 def _reference(x, weight, bias):
@@ -87,3 +87,8 @@ def test_layers_train_through_it_with_the_same_gradients(monkeypatch, layer, arg
     assert len(calls) == 1
     for name in plain:
         torch.testing.assert_close(ours[name], plain[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_even_kernel_is_refused():
+    with pytest.raises(ValueError, match=r'kernel_size=4: expected an odd size'):
+        DepthwiseConvNHWC(8, 4)

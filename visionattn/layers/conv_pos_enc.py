@@ -104,7 +104,8 @@ class DepthwiseConvNHWC(nn.Module):
     def __init__(self, dim: int, kernel_size: int, device=None, dtype=None):
         super().__init__()
         if kernel_size % 2 != 1:
-            raise ValueError(f'kernel_size={kernel_size!r}: expected an odd size (padding kernel_size // 2 keeps the map)')
+            raise ValueError(f'kernel_size={kernel_size!r}: expected an odd size (padding kernel_size // 2 keeps '
+                             'the map size)')
         self.conv = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
