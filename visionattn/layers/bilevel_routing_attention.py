@@ -373,7 +373,7 @@ class BiLevelRoutingAttention(nn.Module):
         v view). The LePE takes that view, so the gradients of v meet before the split's backward, which then
         writes the table's gradient once (a slice of qkv would add a zero-filled table-sized gradient)."""
         n, r, _ = index.shape
-        nr, t, c3 = qkv.shape
+        nr, t = qkv.shape[:2]
         m, cq = self.num_heads, self.qk_dim
         q, k, v = qkv.split([cq, cq, self.dim], dim=-1)
         out = routed_attention(

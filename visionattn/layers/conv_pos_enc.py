@@ -16,6 +16,11 @@ __all__ = ['ConvPosEnc', 'DepthwiseConvNHWC', 'depthwise_conv2d']
 SWAPPED_CHUNK_ELEMENTS = 1 << 19
 
 
+def _same_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Stride-1 depthwise conv of NCHW-shaped ``x`` with padding ``k // 2`` per side."""
+    return F.conv2d(x, weight, bias, padding=(weight.shape[-2] // 2, weight.shape[-1] // 2), groups=x.shape[1])
+
+
 def _weight_grad_swapped(grad: torch.Tensor, x: torch.Tensor, kernel: Tuple[int, int]) -> torch.Tensor:
     """Weight gradient ``[C, 1, kh, kw]`` of a stride-1, 'same'-padded depthwise conv from its NCHW-shaped input
     ``x`` and output gradient ``grad``: the conv with the roles swapped, ``x`` of each (image, channel) correlated
@@ -42,7 +47,7 @@ class _DepthwiseConvLargeKernel(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return F.conv2d(x, weight, bias, padding=(weight.shape[-2] // 2, weight.shape[-1] // 2), groups=x.shape[1])
+        return _same_depthwise_conv(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -78,7 +83,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     if not torch.jit.is_scripting():
         if _use_swapped_weight_grad(x, weight):
             return _DepthwiseConvLargeKernel.apply(x, weight, bias)
-    return F.conv2d(x, weight, bias, padding=(weight.shape[-2] // 2, weight.shape[-1] // 2), groups=x.shape[1])
+    return _same_depthwise_conv(x, weight, bias)
 
 
 class ConvPosEnc(nn.Module):
