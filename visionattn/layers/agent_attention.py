@@ -233,18 +233,25 @@ def _pool_tokens_backward(grad: torch.Tensor, size: Tuple[int, int], output_size
     return torch.matmul(_pool_matrix(H, oh, grad).t(), cols.reshape(B, oh, W * C)).reshape(B, H, W, C)
 
 
+def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = a @ b`` for ``(B, h, m, k)`` / ``(B, h, k, n)`` operands into a contiguous ``(B, h, m, n)`` ``out``
+    (operands may be transposed views: one batched GEMM, no copies)."""
+    torch.bmm(a.flatten(0, 1), b.flatten(0, 1), out=out.view(-1, out.shape[-2], out.shape[-1]))
+
+
 class _AgentAttentionTrain(torch.autograd.Function):
     """Steps 1-4 under autograd with a hand-written backward: ``(dwc, bias parameters, parts) -> (B, P + N, C)``.
 
     ``parts`` are ``(B, L, k * C)`` tensors whose channels in order are ``[q | k | v]`` (the fused ``qkv``
     output, or ``q`` and ``kv``, or ``q``, ``k`` and ``v``). They are copied once into a head-major
-    ``(3, B, h, L, d)`` buffer that every product reads; the backward stacks the three gradients into each
-    part's layout with one copy. Autograd through the written-out ops instead copies the strided head views
-    at each product and its backward, and zero-fills the full-size buffers behind every slice (a DeiT-S layer,
-    forward + backward at batch 8: 46 -> 39 ms on 2 threads). The agents are pooled from the head-major
-    queries, and the depthwise conv reads a contiguous channels-last copy of the values. The position biases are
-    built from their parameters inside (:func:`agent_position_biases`) and get their gradients from
-    :func:`agent_position_biases_backward`, without an autograd graph of a dozen small nodes.
+    ``(3, B, h, L, d)`` buffer that every product reads; the backward's GEMMs write the three gradients into
+    one such buffer, and each part's rows go to its layout with one copy. Autograd through the written-out ops
+    instead copies the strided head views at each product and its backward, and zero-fills the full-size
+    buffers behind every slice (a DeiT-S layer, forward + backward at batch 8: 46 -> 39 ms on 2 threads). The
+    agents are pooled from the head-major queries, and the depthwise conv reads a contiguous channels-last copy
+    of the values. The position biases are built from their parameters inside (:func:`agent_position_biases`)
+    and get their gradients from :func:`agent_position_biases_backward`, without an autograd graph of a dozen
+    small nodes. The Q side is computed agent-major (see the forward).
     """
 
     @staticmethod
@@ -269,8 +276,10 @@ class _AgentAttentionTrain(torch.autograd.Function):
         agents = agents.reshape(B, h, agent_shape[0] * agent_shape[1], d).mul_(scale)         # (B, h, A, d)
         agent_attn = torch.softmax(torch.matmul(agents, k.transpose(-2, -1)).add_(k_bias), dim=-1)
         agent_v = torch.matmul(agent_attn, v)                                                  # (B, h, A, d)
-        q_attn = torch.softmax(torch.matmul(q, agents.transpose(-2, -1)).add_(q_bias), dim=-1)
-        out = torch.matmul(q_attn, agent_v).transpose(1, 2).reshape(B, L, C)
+        # the Q side agent-major, (B, h, A, L), its softmax over the agent axis: over a last axis of a few agents
+        # (9 in Agent-Swin's first stage) the softmax and its backward run 10-20x slower
+        q_attn = torch.softmax(torch.matmul(agents, q.transpose(-2, -1)).add_(q_bias.transpose(-2, -1)), dim=-2)
+        out = torch.matmul(q_attn.transpose(-2, -1), agent_v).transpose(1, 2).reshape(B, L, C)
         # contiguous channels-last values: oneDNN's depthwise conv and its backward take 2x longer on strided input
         v_img = parts[-1][..., -C:][:, P:].reshape(B, H, W, C).contiguous().permute(0, 3, 1, 2)
         pad = conv_weight.shape[-1] // 2
@@ -292,16 +301,18 @@ class _AgentAttentionTrain(torch.autograd.Function):
         q, k, v = qkv.unbind(0)
         grad_out = grad_out.contiguous()
         g = grad_out.unflatten(-1, (h, d)).transpose(1, 2).contiguous()                      # (B, h, L, d)
-        # agent broadcast: out = q_attn @ agent_v
-        d_agent_v = torch.matmul(q_attn.transpose(-2, -1), g)
-        d_q_logits = torch._softmax_backward_data(torch.matmul(g, agent_v.transpose(-2, -1)), q_attn, -1, q_attn.dtype)
-        dq = torch.matmul(d_q_logits, agents)
-        d_agents = torch.matmul(d_q_logits.transpose(-2, -1), q)
+        # agent broadcast: out = q_attn^T @ agent_v
+        dqkv = torch.empty_like(qkv)                     # dq, dk, dv written in place, head-major (3, B, h, L, d)
+        dq, dk, dv = dqkv.unbind(0)
+        d_agent_v = torch.matmul(q_attn, g)
+        d_q_logits = torch._softmax_backward_data(torch.matmul(agent_v, g.transpose(-2, -1)), q_attn, -2, q_attn.dtype)
+        _bmm(d_q_logits.transpose(-2, -1), agents, dq)
+        d_agents = torch.matmul(d_q_logits, q)
         # agent aggregation: agent_v = agent_attn @ v
-        dv = torch.matmul(agent_attn.transpose(-2, -1), d_agent_v)
+        _bmm(agent_attn.transpose(-2, -1), d_agent_v, dv)
         d_k_logits = torch._softmax_backward_data(torch.matmul(d_agent_v, v.transpose(-2, -1)), agent_attn, -1,
                                                   agent_attn.dtype)
-        dk = torch.matmul(d_k_logits.transpose(-2, -1), agents)
+        _bmm(d_k_logits.transpose(-2, -1), agents, dk)
         d_agents.add_(torch.matmul(d_k_logits, k)).mul_(d ** -0.5)
         # agents = pooled patch queries
         d_patches = _pool_tokens_backward(d_agents.flatten(0, 1), (H, W), agent_shape)
@@ -312,14 +323,14 @@ class _AgentAttentionTrain(torch.autograd.Function):
         d_img, d_weight, d_bias = torch.ops.aten.convolution_backward(
             g_img, v_img, conv_weight, [C] if has_conv_bias else None, [1, 1], [pad, pad], [1, 1], False, [0, 0], C,
             [True, ctx.needs_input_grad[0], has_conv_bias and ctx.needs_input_grad[1]])
-        dqkv = [t.transpose(1, 2) for t in (dq, dk, dv)]                                      # (B, L, h, d) views
+        # each part's gradient in its (B, L, n * C) layout: one permuting copy of its rows of dqkv
         grads, i = [], 0
         for n in widths:
-            grads.append(torch.stack(dqkv[i:i + n], dim=2).reshape(B, L, n * C))
+            grads.append(dqkv[i:i + n].permute(1, 3, 0, 2, 4).reshape(B, L, n * C))
             i += n
         grads[-1][:, P:, -C:].add_(d_img.permute(0, 2, 3, 1).reshape(B, H * W, C))
-        bias_grads = agent_position_biases_backward(d_k_logits.sum(0), d_q_logits.sum(0), agent_num, P, train_grid,
-                                                    (H, W), agent_shape)
+        bias_grads = agent_position_biases_backward(d_k_logits.sum(0), d_q_logits.sum(0).transpose(1, 2), agent_num, P,
+                                                    train_grid, (H, W), agent_shape)
         return (d_weight, d_bias if has_conv_bias else None, None, None, None, None, *bias_grads, *grads)
 
 
