@@ -10,10 +10,12 @@ import io
 import pytest
 import timm
 import torch
+from timm.layers import trunc_normal_
 from timm.models._manipulate import reinit_non_persistent_buffers
 
 import visionattn
 from visionattn.deploy import smallest_per_architecture
+from visionattn.layers.weight_init import init_trunc_normal_
 from official_checks import family_filter, keep_block_kinds, meta_model
 from layouts import num_params
 
@@ -82,6 +84,18 @@ def test_registry():
         visionattn.create_model('visionattn_not_a_model')
     with pytest.raises(RuntimeError, match='Unknown model'):
         timm.create_model('visionattn_not_a_model')
+
+
+def test_init_trunc_normal_draws_timms_values_and_skips_meta():
+    """Real tensors get timm's truncated-normal draw (same generator state, same values, within the bounds);
+    a meta tensor is returned as it is, without a draw."""
+    torch.manual_seed(0)
+    ours = init_trunc_normal_(torch.empty(256, 64), std=.5, a=-.4, b=.4)
+    torch.manual_seed(0)
+    assert torch.equal(ours, trunc_normal_(torch.empty(256, 64), std=.5, a=-.4, b=.4))
+    assert ours.abs().max() <= .4 and ours.std() > .1
+    meta = torch.empty(256, 64, device='meta')
+    assert init_trunc_normal_(meta, std=.02) is meta
 
 
 def test_create_model_accepts_only_visionattn_names():

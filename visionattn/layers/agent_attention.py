@@ -33,11 +33,11 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
 from ._na_backends import table_cache
 from .padding import exporting
+from .weight_init import init_trunc_normal_
 
 __all__ = ['adaptive_avg_pool_tokens', 'agent_position_biases', 'agent_position_biases_backward', 'agent_attention',
            'AgentAttention', 'AgentBranch', 'resize_agent_bias']
@@ -398,7 +398,7 @@ class _AgentBiases(nn.Module):
         for name in ('an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias', 'ac_bias', 'ca_bias'):
             p = getattr(self, name)
             if p is not None and not p.is_meta:
-                trunc_normal_(p, std=.02)
+                init_trunc_normal_(p, std=.02)
 
     def resize_checkpoint_tensor(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """Hook of the checkpoint filters: row / column biases of another training map resized to this one."""

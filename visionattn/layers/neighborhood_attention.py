@@ -36,6 +36,7 @@ from torch import nn
 
 from ._na_backends import na2d_flex, na2d_gather, na2d_natten, na2d_torch, na2d_torch_train
 from .padding import exporting
+from .weight_init import init_trunc_normal_
 
 __all__ = ["neighborhood_attention_2d", "neighborhood_attention_2d_qkv", "NeighborhoodAttention2d",
            "na_backend", "BACKENDS", "ENV_VAR", "effective_dilation"]
@@ -223,7 +224,7 @@ class NeighborhoodAttention2d(nn.Module):
         if rel_pos_bias:
             kh, kw = self.kernel_size
             self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kh - 1, 2 * kw - 1))
-            nn.init.trunc_normal_(self.rpb, std=.02, a=-2., b=2.)
+            init_trunc_normal_(self.rpb, std=.02, a=-2., b=2.)
         else:
             self.register_parameter("rpb", None)
         self.proj = nn.Linear(dim, dim)

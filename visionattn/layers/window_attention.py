@@ -12,11 +12,11 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
 from ._na_backends import table_cache
 from .padding import crop_to, exporting, pad_to_multiple
+from .weight_init import init_trunc_normal_
 
 __all__ = [
     'window_partition', 'window_reverse', 'shift_window_mask', 'relative_position_index', 'WindowAttention',
@@ -202,7 +202,7 @@ class SwinWindowAttention(nn.Module):
         self.window_size = (int(window_size[0]), int(window_size[1]))
         wh, ww = self.window_size
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads, **dd))
-        trunc_normal_(self.relative_position_bias_table, std=.02)
+        init_trunc_normal_(self.relative_position_bias_table, std=.02)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim, **dd)

@@ -21,13 +21,14 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, NormMlpClassifierHead, get_device_dtype, trunc_normal_
+from timm.layers import ClassifierHead, NormMlpClassifierHead, get_device_dtype
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
 from ..layers.focused_linear_attention import resample_grid_tokens
 from ..layers.padding import exporting
+from ..layers.weight_init import init_trunc_normal_
 from ..weights import checkpoint_globals
 
 __all__ = [
@@ -130,7 +131,7 @@ def gelu_unless_grad(x: torch.Tensor) -> torch.Tensor:
 def init_linear_trunc_normal(m: nn.Module) -> None:
     """The common official ViT init (for ``model.apply``): Linear trunc_normal(0.02) + zero bias, LayerNorm 1 / 0."""
     if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=.02)
+        init_trunc_normal_(m.weight, std=.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
     elif isinstance(m, nn.LayerNorm):

@@ -31,10 +31,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import PatchEmbed, calculate_drop_path_rates, get_device_dtype, resample_abs_pos_embed, trunc_normal_
+from timm.layers import PatchEmbed, calculate_drop_path_rates, get_device_dtype, resample_abs_pos_embed
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
+from ..layers.weight_init import init_trunc_normal_
 from ._builder import _is_fx_tracing, check_input
 
 __all__ = ['PlainBackbone']
@@ -44,7 +45,7 @@ _GLOBAL_POOLS = ('', 'avg', 'token')
 
 def _init_linear_norm(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=.02)
+        init_trunc_normal_(module.weight, std=.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
@@ -167,9 +168,9 @@ class PlainBackbone(nn.Module):
     def init_weights(self) -> None:
         """Generic ViT init, then each sub-module's own ``init_weights()`` hook (see the module docstring)."""
         if self.pos_embed is not None:
-            trunc_normal_(self.pos_embed, std=.02)
+            init_trunc_normal_(self.pos_embed, std=.02)
         if self.cls_token is not None:
-            trunc_normal_(self.cls_token, std=.02)
+            init_trunc_normal_(self.cls_token, std=.02)
         self.apply(_init_linear_norm)
         for module in self.modules():
             if module is not self and hasattr(module, 'init_weights'):

@@ -31,10 +31,11 @@ from typing import Callable, Dict, Final, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, calculate_drop_path_rates, to_2tuple, trunc_normal_
+from timm.layers import DropPath, calculate_drop_path_rates, to_2tuple
 
 from visionattn.layers.focused_linear_attention import resample_grid_tokens
 from visionattn.layers.spatial_reduction_attention import SpatialReductionAttention
+from visionattn.layers.weight_init import init_trunc_normal_
 from ._builder import (
     HierarchicalBackbone, Stage, add_residual, check_host_args, check_img_size, check_state_dict, gelu_unless_grad,
     init_linear_trunc_normal, remap_keys, resample_checkpoint_encodings, unwrap_state_dict)
@@ -284,7 +285,7 @@ class Pvt(HierarchicalBackbone):
         self.apply(init_linear_trunc_normal)
         for m in self.modules():
             if isinstance(m, PvtPatchEmbed) and m.pos_embed is not None:
-                trunc_normal_(m.pos_embed, std=.02)
+                init_trunc_normal_(m.pos_embed, std=.02)
             elif isinstance(m, nn.Conv2d) and self.v2:
                 fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
                 nn.init.normal_(m.weight, 0., math.sqrt(2.0 / fan_out))

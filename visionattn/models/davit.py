@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, calculate_drop_path_rates, get_act_layer, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, calculate_drop_path_rates, get_act_layer
 from timm.layers.activations import GELU as TimmGELU
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features_fx import register_notrace_module
@@ -34,6 +34,7 @@ from visionattn.layers.channel_attention import ChannelAttention
 from visionattn.layers.conv_pos_enc import ConvPosEnc
 from visionattn.layers.fused_linear import fused_linear
 from visionattn.layers.padding import crop_to, pad_to_multiple
+from visionattn.layers.weight_init import init_trunc_normal_
 from visionattn.layers.window_attention import WindowAttention
 from ._builder import (
     HierarchicalBackbone, Stage, build_visionattn_model, check_state_dict, remap_keys, unwrap_state_dict)
@@ -284,7 +285,7 @@ class DaViT(HierarchicalBackbone):
     def _init_weights(m: nn.Module):
         # official _init_vit_weights: trunc_normal(0.02) Linear, zero bias; default conv / norm init
         if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
+            init_trunc_normal_(m.weight, std=.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 

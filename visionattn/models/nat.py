@@ -41,12 +41,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates, PatchEmbed, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates, PatchEmbed
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features_fx import register_notrace_module
 
 from visionattn.layers.neighborhood_attention import NeighborhoodAttention2d
 from visionattn.layers.padding import exporting
+from visionattn.layers.weight_init import init_trunc_normal_
 from ._builder import (
     HierarchicalBackbone, Stage, build_visionattn_model, check_state_dict, init_linear_trunc_normal, remap_keys,
     unwrap_state_dict)
@@ -169,7 +170,7 @@ class RelPosSelfAttention(nn.Module):
         self.dynamic_size = dynamic_size
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * gh - 1, 2 * gw - 1, **dd))
-        trunc_normal_(self.rpb, std=.02, a=-2., b=2.)
+        init_trunc_normal_(self.rpb, std=.02, a=-2., b=2.)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
