@@ -20,7 +20,6 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import ClassifierHead, NormMlpClassifierHead, get_device_dtype
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
@@ -34,7 +33,7 @@ from ..weights import checkpoint_globals
 __all__ = [
     'Stage', 'HierarchicalBackbone', 'build_visionattn_model', 'unwrap_state_dict', 'remap_keys',
     'check_state_dict', 'check_input', 'check_img_size', 'init_linear_trunc_normal', 'parse_attn_types',
-    'resample_checkpoint_encodings', 'check_host_args', 'add_residual', 'gelu_unless_grad',
+    'resample_checkpoint_encodings', 'check_host_args', 'add_residual',
 ]
 
 
@@ -120,12 +119,6 @@ def add_residual(branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     saves allocating and first-touching a new map. With autograd out of place: the branch output is often a view
     of a matmul result, and an in-place op on it costs a full-size gradient copy in backward."""
     return branch + x if torch.is_grad_enabled() else branch.add_(x)
-
-
-def gelu_unless_grad(x: torch.Tensor) -> torch.Tensor:
-    """Exact GELU; without autograd in place on ``x`` (a fresh hidden map, 4-8x the block width), for the same
-    reasons as :func:`add_residual`."""
-    return F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)
 
 
 def init_linear_trunc_normal(m: nn.Module) -> None:

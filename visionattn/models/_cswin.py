@@ -39,9 +39,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates
+from timm.layers import DropPath, LayerNorm2d, calculate_drop_path_rates
 
 from ..layers.cswin_attention import CSwinAttention, stripe_partition, stripe_reverse
+from ..layers.mlp import GeluMlp
 from ._builder import (
     HierarchicalBackbone, Stage, check_host_args, check_img_size, check_state_dict, init_linear_trunc_normal,
     remap_keys, resample_checkpoint_encodings, unwrap_state_dict)
@@ -124,7 +125,7 @@ class CSwinBlock(nn.Module):
                 factory(dim // 2, num_heads // 2, (gh, split_size), **dd),
                 factory(dim // 2, num_heads // 2, (split_size, gw), **dd)])
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
+        self.mlp = GeluMlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
         self.norm2 = nn.LayerNorm(dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,14 +34,15 @@ import torch.nn as nn
 from timm.layers import DropPath, calculate_drop_path_rates, to_2tuple
 
 from visionattn.layers.focused_linear_attention import resample_grid_tokens
+from visionattn.layers.mlp import GeluMlp
 from visionattn.layers.spatial_reduction_attention import SpatialReductionAttention
 from visionattn.layers.weight_init import init_trunc_normal_
 from ._builder import (
-    HierarchicalBackbone, Stage, add_residual, check_host_args, check_img_size, check_state_dict, gelu_unless_grad,
+    HierarchicalBackbone, Stage, add_residual, check_host_args, check_img_size, check_state_dict,
     init_linear_trunc_normal, remap_keys, resample_checkpoint_encodings, unwrap_state_dict)
 
 __all__ = [
-    'Pvt', 'PvtV2', 'PvtBlock', 'PvtMlp', 'PvtPatchEmbed', 'PVT_CHECKPOINT_RULES', 'PVT_V2_CHECKPOINT_RULES',
+    'Pvt', 'PvtV2', 'PvtBlock', 'PvtPatchEmbed', 'PVT_CHECKPOINT_RULES', 'PVT_V2_CHECKPOINT_RULES',
 ]
 
 MixerFactory = Callable[..., nn.Module]
@@ -95,26 +96,6 @@ class PvtPatchEmbed(nn.Module):
         return self.drop(x).permute(0, 3, 1, 2)
 
 
-class PvtMlp(nn.Module):
-    """fc1 -> [depthwise 3x3 conv over the map (PVTv2)] -> GELU -> dropout -> fc2 -> dropout, on an NHWC map (without
-    the conv: on any ``(..., C)`` tokens, the DeiT MLP of Agent-DeiT); GELU in place without autograd."""
-
-    def __init__(self, dim: int, hidden_dim: int, dwconv: bool = False, drop: float = 0., device=None, dtype=None):
-        super().__init__()
-        dd = {'device': device, 'dtype': dtype}
-        self.fc1 = nn.Linear(dim, hidden_dim, **dd)
-        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim, **dd) if dwconv else None
-        self.fc2 = nn.Linear(hidden_dim, dim, **dd)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(x)
-        if self.dwconv is not None:
-            # the NCHW view of an NHWC tensor has channels-last strides: the conv keeps them, no copies
-            x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.drop(self.fc2(self.drop(gelu_unless_grad(x))))
-
-
 class PvtBlock(nn.Module):
     """Pre-norm block on an NHWC map: ``x + attn(norm1(x))``, ``x + mlp(norm2(x))`` (LayerNorm eps 1e-6).
 
@@ -150,8 +131,9 @@ class PvtBlock(nn.Module):
             self.attn = mixer(dim, num_heads, grid_size, **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6, **dd)
-        self.mlp = PvtMlp(dim, int(dim * mlp_ratio), dwconv=dwconv_mlp, drop=proj_drop, **dd)
+        self.mlp = GeluMlp(dim, int(dim * mlp_ratio), drop=proj_drop, dwconv=dwconv_mlp, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.has_drop_path = drop_path > 0.
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -161,7 +143,9 @@ class PvtBlock(nn.Module):
         else:
             y = self.attn(y.reshape(B, H * W, C), H, W).reshape(B, H, W, C)
         x = add_residual(self.drop_path1(y), x)
-        return add_residual(self.drop_path2(self.mlp(self.norm2(x))), x)
+        if self.training and self.has_drop_path:
+            return x + self.drop_path2(self.mlp(self.norm2(x)))
+        return self.mlp(self.norm2(x), shortcut=x)  # the residual add in fc2's epilogue at inference
 
 
 def _pvt_rules(v2: bool):

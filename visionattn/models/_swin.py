@@ -32,9 +32,10 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates, resize_rel_pos_bias_table, to_2tuple
+from timm.layers import DropPath, LayerNorm2d, calculate_drop_path_rates, resize_rel_pos_bias_table, to_2tuple
 from timm.models._features_fx import register_notrace_module
 
+from visionattn.layers.mlp import GeluMlp
 from visionattn.layers.padding import pad_to_multiple
 from visionattn.layers.window_attention import (
     SwinWindowAttention, shift_window_mask, window_partition, window_reverse)
@@ -109,7 +110,6 @@ class SwinBlock(nn.Module):
             proj_drop: float = 0.,
             attn_drop: float = 0.,
             drop_path: float = 0.,
-            act_layer: Callable = nn.GELU,
             norm_layer: Callable = nn.LayerNorm,
             device=None,
             dtype=None,
@@ -133,8 +133,9 @@ class SwinBlock(nn.Module):
             self.attn = mixer(dim, num_heads, self.window_size, **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        self.mlp = GeluMlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.has_drop_path = drop_path > 0.
 
     def extra_repr(self) -> str:
         if self.is_global:  # attends to the whole map: a shift would not change the result (none is applied)
@@ -162,7 +163,9 @@ class SwinBlock(nn.Module):
         else:
             y = self.attn(y, wh, ww)
         x = x + self.drop_path1(window_reverse(y, (wh, ww), (sh, sw), B, H, W))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        if self.training and self.has_drop_path:
+            return x + self.drop_path2(self.mlp(self.norm2(x)))
+        return self.mlp(self.norm2(x), shortcut=x)  # the residual add in fc2's epilogue at inference
 
 
 class Swin(HierarchicalBackbone):

@@ -22,12 +22,13 @@ from timm.layers import Attention, DropPath, resample_abs_pos_embed
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers.agent_attention import AgentAttention, AgentBranch
+from ..layers.mlp import GeluMlp
 from ._builder import (
     add_residual, build_visionattn_model, check_state_dict, parse_attn_types, resample_checkpoint_encodings,
     unwrap_state_dict)
 from ._cswin import CSwin
 from ._plain import PlainBackbone
-from ._pvt import Pvt, PvtMlp
+from ._pvt import Pvt
 from ._swin import Swin
 
 __all__ = ['AgentDeiT', 'AgentDeiTBlock']
@@ -201,7 +202,8 @@ class AgentDeiTBlock(nn.Module):
             self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6, **dd)
-        self.mlp = PvtMlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)  # fc1 -> GELU -> fc2, as DeiT's Mlp
+        self.mlp = GeluMlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)  # fc1 -> GELU -> fc2, as DeiT's Mlp
+        self.has_drop_path = drop_path > 0.
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         if self.is_agent:
@@ -209,7 +211,9 @@ class AgentDeiTBlock(nn.Module):
         else:
             y = self.attn(self.norm1(x))
         x = add_residual(self.drop_path(y), x)
-        return add_residual(self.drop_path(self.mlp(self.norm2(x))), x)
+        if self.training and self.has_drop_path:
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        return self.mlp(self.norm2(x), shortcut=x)  # the residual add in fc2's epilogue at inference
 
 
 class AgentDeiT(PlainBackbone):

@@ -28,7 +28,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..layers.bilevel_routing_attention import BiLevelRoutingAttention, GlobalAttentionLePE
 from ..layers.conv_pos_enc import ConvPosEnc
-from ..layers.fused_linear import gelu_mlp
+from ..layers.mlp import GeluMlp
 from ._builder import (
     HierarchicalBackbone, Stage, add_residual, build_visionattn_model, check_state_dict, init_linear_trunc_normal,
     remap_keys, unwrap_state_dict)
@@ -112,19 +112,6 @@ class NormConvDownsample(nn.Module):
         return self.reduction(self.norm(x)).contiguous(memory_format=torch.channels_last)
 
 
-class BiFormerMlp(nn.Module):
-    """fc1 -> GELU -> fc2 (+ ``shortcut``) on an NHWC map, through :func:`~visionattn.layers.fused_linear.gelu_mlp`
-    (oneDNN epilogues at CPU inference; the GELU output recomputed in backward when training)."""
-
-    def __init__(self, dim: int, hidden_dim: int, device=None, dtype=None):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim, device=device, dtype=dtype)
-        self.fc2 = nn.Linear(hidden_dim, dim, device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor, shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, residual=shortcut)
-
-
 class BiFormerBlock(nn.Module):
     """``x + DWConv3x3(x)`` (when ``pos_embed``); ``x + attn(norm1(x))``; ``x + mlp(norm2(x))`` on an NHWC map."""
 
@@ -137,7 +124,7 @@ class BiFormerBlock(nn.Module):
         self.attn = attn
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6, **dd)
-        self.mlp = BiFormerMlp(dim, int(mlp_ratio * dim), **dd)
+        self.mlp = GeluMlp(dim, int(mlp_ratio * dim), recompute_gelu=True, **dd)  # fits training in memory
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.has_drop_path = drop_path > 0.
 

@@ -41,10 +41,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates, PatchEmbed
+from timm.layers import DropPath, LayerNorm2d, calculate_drop_path_rates, PatchEmbed
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features_fx import register_notrace_module
 
+from visionattn.layers.mlp import GeluMlp
 from visionattn.layers.neighborhood_attention import NeighborhoodAttention2d
 from visionattn.layers.padding import exporting
 from visionattn.layers.weight_init import init_trunc_normal_
@@ -258,7 +259,6 @@ class NATBlock(nn.Module):
             attn_drop: float = 0.,
             drop_path: float = 0.,
             layer_scale: Optional[float] = None,
-            act_layer: Callable = nn.GELU,
             norm_layer: Callable = nn.LayerNorm,
             attn: Optional[nn.Module] = None,
             device=None,
@@ -276,7 +276,7 @@ class NATBlock(nn.Module):
         self.attn = attn
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        self.mlp = GeluMlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.layer_scale = layer_scale is not None
         if layer_scale is not None:

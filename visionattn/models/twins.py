@@ -29,13 +29,14 @@ from timm.layers import DropPath, LayerNorm2d, calculate_drop_path_rates
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers.conv_pos_enc import ConvPosEnc
+from ..layers.mlp import GeluMlp
 from ..layers.spatial_reduction_attention import SpatialReductionAttention
 from ..layers.window_attention import WindowAttention
 from ._builder import (
-    HierarchicalBackbone, Stage, add_residual, build_visionattn_model, check_host_args, check_state_dict,
-    gelu_unless_grad, remap_keys, unwrap_state_dict)
+    HierarchicalBackbone, Stage, add_residual, build_visionattn_model, check_host_args, check_state_dict, remap_keys,
+    unwrap_state_dict)
 
-__all__ = ['Twins', 'TwinsBlock', 'TwinsMlp', 'TwinsPatchEmbed', 'checkpoint_filter_fn', 'FAMILY_CARD']
+__all__ = ['Twins', 'TwinsBlock', 'TwinsPatchEmbed', 'checkpoint_filter_fn', 'FAMILY_CARD']
 
 FAMILY_CARD = dict(
     name='Twins',
@@ -96,26 +97,6 @@ class TwinsPatchEmbed(nn.Module):
         return self.drop(self.norm(self.proj(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
 
 
-class TwinsMlp(nn.Module):
-    """fc1 -> GELU (exact) -> dropout -> fc2 -> dropout; key names ``fc1`` / ``fc2`` as timm's ``Mlp``.
-
-    Without autograd the GELU runs in place on the fc1 output (:func:`gelu_unless_grad`).
-    """
-
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0., device=None, dtype=None):
-        super().__init__()
-        dd = {'device': device, 'dtype': dtype}
-        self.fc1 = nn.Linear(dim, hidden_dim, **dd)
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_dim, dim, **dd)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(x)
-        x = gelu_unless_grad(x)
-        return self.drop2(self.fc2(self.drop1(x)))
-
-
 class TwinsBlock(nn.Module):
     """Pre-norm transformer block on an NHWC map: LSA when ``window_size`` is set, else GSA."""
 
@@ -147,12 +128,15 @@ class TwinsBlock(nn.Module):
                 norm_layer=partial(nn.LayerNorm, eps=sr_norm_eps), **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **dd)
-        self.mlp = TwinsMlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
+        self.mlp = GeluMlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.has_drop_path = drop_path > 0.
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = add_residual(self.drop_path1(self.attn(self.norm1(x))), x)
-        return add_residual(self.drop_path2(self.mlp(self.norm2(x))), x)
+        if self.training and self.has_drop_path:
+            return x + self.drop_path2(self.mlp(self.norm2(x)))
+        return self.mlp(self.norm2(x), shortcut=x)  # the residual add in fc2's epilogue at inference
 
 
 class Twins(HierarchicalBackbone):
