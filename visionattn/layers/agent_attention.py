@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
 from ._na_backends import table_cache
+from .fused_linear import fused_linear
 from .padding import exporting
 from .weight_init import init_trunc_normal_
 
@@ -468,24 +469,28 @@ class AgentAttention(_AgentBiases):
         P = self.num_prefix_tokens
         attn_drop = self.attn_drop if self.training else 0.
         if _use_train_path(x, attn_drop):
-            parts = [self.qkv(x)] if self.qkv is not None else [self.q(x), self.kv(x)]
+            if self.qkv is not None:
+                parts = [fused_linear(x, self.qkv.weight, self.qkv.bias)]
+            else:
+                assert self.q is not None and self.kv is not None
+                parts = [fused_linear(x, self.q.weight, self.q.bias), fused_linear(x, self.kv.weight, self.kv.bias)]
             out = _agent_attention_train(parts, self.bias_parameters(), self.num_heads, (H, W), self.agent_shape, P,
                                          self.dwc.weight, self.dwc.bias)
-            return self.proj_drop(self.proj(out))
+            return self.proj_drop(fused_linear(out, self.proj.weight, self.proj.bias))
         k_bias, q_bias = self.biases(H, W)
         if self.qkv is not None:
-            q, k, v = self.qkv(x).reshape(B, L, 3, C).unbind(2)
+            q, k, v = fused_linear(x, self.qkv.weight, self.qkv.bias).reshape(B, L, 3, C).unbind(2)
         else:
             assert self.q is not None and self.kv is not None
-            q = self.q(x)
-            k, v = self.kv(x).reshape(B, L, 2, C).unbind(2)
+            q = fused_linear(x, self.q.weight, self.q.bias)
+            k, v = fused_linear(x, self.kv.weight, self.kv.bias).reshape(B, L, 2, C).unbind(2)
         agents = adaptive_avg_pool_tokens((q[:, P:] if P else q).reshape(B, H, W, C), self.agent_shape)
         out = agent_attention(q, k, v, agents, self.num_heads, k_bias, q_bias, attn_drop)
         v_img = (v[:, P:] if P else v).reshape(B, H, W, C).permute(0, 3, 1, 2)   # channels-last view
         diversity = self.dwc(v_img).permute(0, 2, 3, 1).reshape(B, H * W, C)
         # out is a fresh tensor (the attention's reshaped output): add in place, also under autograd
         (out[:, P:] if P else out).add_(diversity)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(fused_linear(out, self.proj.weight, self.proj.bias))
 
 
 @register_notrace_module  # FX leaf, as AgentAttention

@@ -23,6 +23,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
 from .conv_pos_enc import depthwise_conv2d
+from .fused_linear import fused_linear
 from .padding import exporting
 
 __all__ = ['focused_linear_attention', 'resample_grid_tokens', 'FocusedLinearAttention', 'FocusedLinearBranch']
@@ -224,14 +225,14 @@ class FocusedLinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, N, C = x.shape
         if self.qkv is not None:
-            q, k, v = self.qkv(x).reshape(B, N, 3, C).unbind(2)
+            q, k, v = fused_linear(x, self.qkv.weight, self.qkv.bias).reshape(B, N, 3, C).unbind(2)
         else:
             assert self.q is not None and self.kv is not None
-            q = self.q(x)
-            k, v = self.kv(x).reshape(B, N, 2, C).unbind(2)
+            q = fused_linear(x, self.q.weight, self.q.bias)
+            k, v = fused_linear(x, self.kv.weight, self.kv.bias).reshape(B, N, 2, C).unbind(2)
         k = k + resample_grid_tokens(self.positional_encoding, self.grid_size, (H, W))
         x = focused_linear_attention(q, k, v, self.scale, self.dwc.weight, self.dwc.bias, self.num_heads, (H, W), self.focusing_factor)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(fused_linear(x, self.proj.weight, self.proj.bias))
 
 
 @register_notrace_module  # FX leaf, as FocusedLinearAttention

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ._na_backends import na2d_flex, na2d_gather, na2d_natten, na2d_torch, na2d_torch_train
+from .fused_linear import fused_linear
 from .padding import exporting
 from .weight_init import init_trunc_normal_
 
@@ -235,13 +236,13 @@ class NeighborhoodAttention2d(nn.Module):
             raise NotImplementedError("attention dropout is not supported by the "
                                       "neighbourhood-attention backends; use attn_drop=0")
         B, H, W, C = x.shape
-        qkv = self.qkv(x).reshape(B, H, W, 3, self.num_heads, self.head_dim)
+        qkv = fused_linear(x, self.qkv.weight, self.qkv.bias).reshape(B, H, W, 3, self.num_heads, self.head_dim)
         if torch.jit.is_scripting():
             q, k, v = qkv.unbind(3)
             x = na2d_gather(q, k, v, self.kernel_size, self.dilation, self.rpb, self.scale)
         else:
             x = neighborhood_attention_2d_qkv(qkv, self.kernel_size, self.dilation, self.rpb, self.scale)
-        return self.proj_drop(self.proj(x.reshape(B, H, W, C)))
+        return self.proj_drop(fused_linear(x.reshape(B, H, W, C), self.proj.weight, self.proj.bias))
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, "

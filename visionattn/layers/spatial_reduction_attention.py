@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fused_linear import fused_linear
+
 
 class SpatialReductionAttention(nn.Module):
     """Multi-head attention with spatially reduced keys/values, on an NHWC map ``[B, H, W, C]``.
@@ -61,7 +63,7 @@ class SpatialReductionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        q = self.q(x).reshape(B, H * W, self.num_heads, self.head_dim).transpose(1, 2)
+        q = fused_linear(x, self.q.weight, self.q.bias).reshape(B, H * W, self.num_heads, self.head_dim).transpose(1, 2)
         sr = self.sr
         norm = self.norm
         if sr is not None and norm is not None:
@@ -72,11 +74,12 @@ class SpatialReductionAttention(nn.Module):
         else:
             kv_in = x.reshape(B, H * W, C)
         # the key count given, not -1: a reshape cannot infer a dimension of an empty (batch 0) tensor
-        kv = self.kv(kv_in).reshape(B, kv_in.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        kv = fused_linear(kv_in, self.kv.weight, self.kv.bias)
+        kv = kv.reshape(B, kv_in.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.)
         x = x.transpose(1, 2).reshape(B, H, W, C)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(fused_linear(x, self.proj.weight, self.proj.bias))
 
     def extra_repr(self) -> str:
         return f'num_heads={self.num_heads}, sr_ratio={self.sr_ratio}'

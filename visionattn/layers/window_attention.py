@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
 from ._na_backends import table_cache
+from .fused_linear import fused_linear
 from .padding import crop_to, exporting, pad_to_multiple
 from .weight_init import init_trunc_normal_
 
@@ -167,11 +168,13 @@ class WindowAttention(nn.Module):
         nh, nw = Hp // ws, Wp // ws
         windows = x.reshape(B, nh, ws, nw, ws, C).transpose(2, 3).reshape(B * nh * nw, ws * ws, C)
         # explicit sizes, no -1: a reshape cannot infer a dimension of an empty (batch 0) tensor
-        qkv = self.qkv(windows).reshape(B * nh * nw, ws * ws, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = fused_linear(windows, self.qkv.weight, self.qkv.bias)
+        qkv = qkv.reshape(B * nh * nw, ws * ws, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.)
         out = out.transpose(1, 2).reshape(B, nh, nw, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
-        return self.proj_drop(self.proj(crop_to(out, H, W)))  # per-token projection, after the crop
+        # per-token projection, after the crop
+        return self.proj_drop(fused_linear(crop_to(out, H, W), self.proj.weight, self.proj.bias))
 
 
 class SwinWindowAttention(nn.Module):
@@ -227,7 +230,8 @@ class SwinWindowAttention(nn.Module):
             bias = bias.unsqueeze(0) + mask.unsqueeze(1)                                  # [nW, h, N, N]
         B = Bw // nW
         # one GEMM for every window; q/k/v [B, nW * h, N, d], the mask [nW * h, N, N] broadcast over B
-        q, k, v = self.qkv(x).reshape(B, nW, N, 3, h, d).permute(3, 0, 1, 4, 2, 5).reshape(3, B, nW * h, N, d).unbind(0)
+        qkv = fused_linear(x, self.qkv.weight, self.qkv.bias)
+        q, k, v = qkv.reshape(B, nW, N, 3, h, d).permute(3, 0, 1, 4, 2, 5).reshape(3, B, nW * h, N, d).unbind(0)
         attn_mask = bias.reshape(nW * h, N, N).to(q.dtype)
         if torch.is_grad_enabled() and q.device.type == 'cpu':
             # CPU SDPA with a float mask takes its math path under autograd (an -inf-safe softmax costing extra
@@ -241,4 +245,4 @@ class SwinWindowAttention(nn.Module):
         if exporting():  # the exporter decomposes SDPA into ops with another output layout than the traced kernel
             out = out.clone(memory_format=torch.contiguous_format)
         out = out.reshape(Bw, h, N, d).transpose(1, 2).reshape(Bw, N, C)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(fused_linear(out, self.proj.weight, self.proj.bias))

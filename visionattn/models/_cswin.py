@@ -42,6 +42,7 @@ import torch.nn as nn
 from timm.layers import DropPath, LayerNorm2d, calculate_drop_path_rates
 
 from ..layers.cswin_attention import CSwinAttention, stripe_partition, stripe_reverse
+from ..layers.fused_linear import fused_linear
 from ..layers.mlp import GeluMlp
 from ._builder import (
     HierarchicalBackbone, Stage, check_host_args, check_img_size, check_state_dict, init_linear_trunc_normal,
@@ -130,7 +131,7 @@ class CSwinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        qkv = self.qkv(self.norm1(x))
+        qkv = fused_linear(self.norm1(x), self.qkv.weight, self.qkv.bias)
         split = self.split_size
         if split is None:
             q, k, v = qkv.reshape(B, H * W, 3, C).unbind(2)
@@ -144,7 +145,7 @@ class CSwinBlock(nn.Module):
                 q, k, v = stripe_partition(qkv[:, :, :, :, i], split, vertical).unbind(2)
                 outs.append(stripe_reverse(attn(q, k, v, h_sp, w_sp), H, W, split, vertical))
             out = torch.cat(outs, dim=-1)
-        x = x + self.drop_path(self.proj(out))
+        x = x + self.drop_path(fused_linear(out, self.proj.weight, self.proj.bias))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

@@ -45,6 +45,7 @@ from timm.layers import DropPath, LayerNorm2d, calculate_drop_path_rates, PatchE
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features_fx import register_notrace_module
 
+from visionattn.layers.fused_linear import fused_linear
 from visionattn.layers.mlp import GeluMlp
 from visionattn.layers.neighborhood_attention import NeighborhoodAttention2d
 from visionattn.layers.padding import exporting
@@ -219,7 +220,8 @@ class RelPosSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = fused_linear(x, self.qkv.weight, self.qkv.bias)
+        qkv = qkv.reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         bias = self.position_bias(H, W).to(q.dtype)
         x = F.scaled_dot_product_attention(
@@ -229,7 +231,7 @@ class RelPosSelfAttention(nn.Module):
         if exporting():  # the exporter decomposes SDPA into ops with another output layout than the traced kernel
             x = x.clone(memory_format=torch.contiguous_format)
         x = x.reshape(B, H, W, C)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(fused_linear(x, self.proj.weight, self.proj.bias))
 
 
 register_notrace_module(RelPosSelfAttention)
