@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from timm.models._features_fx import register_notrace_function
 
-__all__ = ['fused_linear', 'gelu_mlp', 'onednn_linear_available']
+__all__ = ['fused_linear', 'gelu_mlp', 'onednn_linear_available', 'ONEDNN_CARD_NOTE']
+
+#: the model cards' "Known differences" entry of every family whose linears run through :func:`fused_linear`
+ONEDNN_CARD_NOTE = (
+    'At CPU fp32 inference the block Linears (qkv / proj, the MLP) run as oneDNN calls with their bias, GELU and '
+    'the MLP residual add fused (`visionattn.layers.fused_linear`; set VISIONATTN_ONEDNN_LINEAR=0 to disable): '
+    'the same fp32 function, another accumulation order (~1e-6). Training, CUDA, TorchScript and torch.compile '
+    'use the plain ops.')
 
 
 def _probe() -> bool:

@@ -22,6 +22,7 @@ from timm.layers import Attention, DropPath, resample_abs_pos_embed
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers.agent_attention import AgentAttention, AgentBranch
+from ..layers.fused_linear import ONEDNN_CARD_NOTE
 from ..layers.mlp import GeluMlp
 from ._builder import (
     add_residual, build_visionattn_model, check_state_dict, parse_attn_types, resample_checkpoint_encodings,
@@ -67,6 +68,7 @@ FAMILY_CARD = dict(
         "size, the row / column biases and learned encodings are resampled bilinearly on load. The README's "
         "weight links are cloud-drive pages without a direct download, so no pretrained=True tag exists"),
     differences=[
+        ONEDNN_CARD_NOTE,
         'Any input size: img_size= at creation (row / column biases and position embeddings resampled bilinearly on '
         'load) and dynamic_img_size=True (resampled bilinearly on the fly), instead of the fixed size of the official '
         'classification models (official issue #38). At the training size the computation is the official one.',

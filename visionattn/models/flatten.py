@@ -15,6 +15,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers.focused_linear_attention import FocusedLinearAttention, FocusedLinearBranch
+from ..layers.fused_linear import ONEDNN_CARD_NOTE
 from ._builder import build_visionattn_model, parse_attn_types
 from ._cswin import CSwin
 from ._pvt import Pvt, PvtV2
@@ -55,6 +56,7 @@ FAMILY_CARD = dict(
         "resampled bilinearly on load. The README's weight links are TsinghuaCloud placeholders ('In process'), "
         "so no pretrained=True tag exists"),
     differences=[
+        ONEDNN_CARD_NOTE,
         'Any input size: img_size= at creation (encodings resampled on load) and dynamic_img_size=True '
         '(encodings resampled bilinearly on the fly); the official classification models only run at their '
         'training size. At the training size the computation is the official one.',

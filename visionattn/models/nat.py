@@ -45,7 +45,7 @@ from timm.layers import DropPath, LayerNorm2d, calculate_drop_path_rates, PatchE
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features_fx import register_notrace_module
 
-from visionattn.layers.fused_linear import fused_linear
+from visionattn.layers.fused_linear import ONEDNN_CARD_NOTE, fused_linear
 from visionattn.layers.mlp import GeluMlp
 from visionattn.layers.neighborhood_attention import NeighborhoodAttention2d
 from visionattn.layers.padding import exporting
@@ -847,6 +847,7 @@ FAMILY_CARD = dict(
         "(`levels.i`/`layers.i`, `attn.qkv`/`attn.rpb`/`attn.proj`, `gamma1`/`gamma2`), raw or under "
         "`model`/`state_dict`, with or without `module.`."),
     differences=[
+        ONEDNN_CARD_NOTE,
         'Neighbourhood attention with relative position bias runs without natten (natten >= 0.20 removed RPB and '
         'its CPU kernels): a pure-PyTorch backend reproduces natten<=0.17 semantics (window start clamped, '
         'dilation groups, `rpb[h, di/d + k - 1, dj/d + k - 1]`); other backends (flex, triton) are selected '

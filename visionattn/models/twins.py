@@ -29,6 +29,7 @@ from timm.layers import DropPath, LayerNorm2d, calculate_drop_path_rates
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers.conv_pos_enc import ConvPosEnc
+from ..layers.fused_linear import ONEDNN_CARD_NOTE
 from ..layers.mlp import GeluMlp
 from ..layers.spatial_reduction_attention import SpatialReductionAttention
 from ..layers.window_attention import WindowAttention
@@ -57,6 +58,7 @@ FAMILY_CARD = dict(
         "(twins_*) checkpoints, raw or under 'model' / 'state_dict' / 'module.', are remapped by "
         "checkpoint_filter_fn; pretrained=True fetches timm's twins_*.in1k weights from the HF Hub"),
     differences=[
+        ONEDNN_CARD_NOTE,
         'Inputs whose feature maps are not multiples of the 7x7 LSA window (SVT) are zero-padded '
         'bottom/right before the window attention with no mask, so padded tokens take part in the '
         'attention, then cropped -- as timm and the official detection code do. The official '
