@@ -35,6 +35,7 @@ DYNAMIC_COVERED_BY = {
     'visionattn_flatten_pvt_tiny': ('visionattn_agent_pvt_tiny', 'visionattn_flatten_pvt_v2_b0'),  # PVT host; FLatten
     'visionattn_dinat_s_tiny': ('visionattn_flatten_swin_tiny', 'visionattn_dinat_mini'),  # Swin stem / merging; NA
     'visionattn_nat_mini': ('visionattn_dinat_mini',),  # the same stages; DiNAT-Mini has undilated NA blocks too
+    'visionattn_twins_pcpvt_small': ('visionattn_twins_svt_small',),  # SVT's GSA blocks are PCPVT's; PEG, embeds
     # the CSwin host's stripes; FLatten with its encodings resampled to symbolic map sizes
     'visionattn_flatten_cswin_tiny': ('visionattn_agent_cswin_tiny', 'visionattn_flatten_pvt_v2_b0'),
 }
